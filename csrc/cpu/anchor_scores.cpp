@@ -1,0 +1,65 @@
+// Stage III score on the CPU: one pass over the tokens.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu_kernels.h"
+#include "vec.h"
+
+namespace g2tr::cpu {
+
+template <typename T>
+void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores,
+                  int64_t* cells, float* inv_norms) {
+  const int64_t num_anchors = im.anchors_begin.back();
+  std::vector<float> anchor_inv(num_anchors);
+  at::parallel_for(0, num_anchors, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end; ++a) anchor_inv[a] = inv_norm(sumsq(anchors + a * dim, dim));
+  });
+  at::parallel_for(0, im.tokens_begin.back(), 16, [&](int64_t begin, int64_t end) {
+    // The image of the first token of this chunk; later tokens move forward from it.
+    int64_t b = std::upper_bound(im.tokens_begin.begin(), im.tokens_begin.end(), begin) - im.tokens_begin.begin() - 1;
+    for (int64_t i = begin; i < end; ++i) {
+      while (i >= im.tokens_begin[b + 1]) ++b;
+      const int64_t cell = cell_of(i - im.tokens_begin[b], im.h[b], im.w[b], im.h_a[b], im.w_a[b]);
+      const int64_t anchor = im.anchors_begin[b] + cell;
+      float dot, sq;
+      dot_and_sumsq(tokens + i * dim, anchors + anchor * dim, dim, &dot, &sq);
+      const float inv = inv_norm(sq);
+      scores[i] = dot * inv * anchor_inv[anchor];
+      cells[i] = cell;
+      if (inv_norms) inv_norms[i] = inv;
+    }
+  });
+}
+
+#define G2TR_INSTANTIATE(T) \
+  template void score_tokens<T>(const T*, const T*, int64_t, const Images&, float*, int64_t*, float*);
+G2TR_INSTANTIATE(float)
+G2TR_INSTANTIATE(c10::BFloat16)
+G2TR_INSTANTIATE(c10::Half)
+#undef G2TR_INSTANTIATE
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> anchor_scores_cpu(const at::Tensor& tokens_in, const at::Tensor& anchors_in,
+                                                     c10::IntArrayRef grids, c10::IntArrayRef anchor_grids) {
+  const Images im = check_images("g2tr.anchor_scores", tokens_in, anchors_in, grids, anchor_grids);
+  const at::Tensor tokens = tokens_in.contiguous(), anchors = anchors_in.contiguous();
+  auto scores = at::empty({tokens.size(0)}, tokens.options().dtype(at::kFloat));
+  auto cells = at::empty({tokens.size(0)}, tokens.options().dtype(at::kLong));
+  G2TR_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "g2tr_anchor_scores", [&] {
+    score_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(), tokens.size(1),
+                           im, scores.data_ptr<float>(), cells.data_ptr<int64_t>(), nullptr);
+  });
+  return {scores, cells};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(g2tr, CPU, m) { m.impl("anchor_scores", &anchor_scores_cpu); }
+
+}  // namespace g2tr::cpu

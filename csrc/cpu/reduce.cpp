@@ -1,0 +1,46 @@
+// The whole reduction on the CPU: score (one pass, token norms kept for the merge),
+// select, merge. Output sizes come from the grids alone.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu_kernels.h"
+
+namespace g2tr::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cpu(
+    const at::Tensor& tokens_in, const at::Tensor& anchors_in, c10::IntArrayRef grids,
+    c10::IntArrayRef anchor_grids, double keep_ratio, int64_t min_keep, double merge_weight) {
+  const char* op = "g2tr.reduce";
+  Images im = check_images(op, tokens_in, anchors_in, grids, anchor_grids);
+  set_budgets(op, im, keep_ratio, min_keep);
+  check_merge_weight(op, merge_weight);
+  const at::Tensor tokens = tokens_in.contiguous(), anchors = anchors_in.contiguous();
+  const int64_t n = tokens.size(0), dim = tokens.size(1), k = im.kept_begin.back();
+  auto scores = at::empty({n}, tokens.options().dtype(at::kFloat));
+  auto cells = at::empty({n}, tokens.options().dtype(at::kLong));
+  auto inv_norms = at::empty({n}, tokens.options().dtype(at::kFloat));
+  auto keep_idx = at::empty({k}, tokens.options().dtype(at::kLong));
+  auto merged = at::empty({k, dim}, tokens.options());
+  auto assign = at::empty({n}, tokens.options().dtype(at::kLong));
+  auto cu_seqlens = at::empty({im.count() + 1}, tokens.options().dtype(at::kInt));
+  for (int64_t b = 0; b <= im.count(); ++b) cu_seqlens.data_ptr<int32_t>()[b] = static_cast<int32_t>(im.kept_begin[b]);
+  std::vector<int64_t> cell_counts(im.count()), quotas(im.count(), 1);
+  for (int64_t b = 0; b < im.count(); ++b) cell_counts[b] = im.cells(b);
+  G2TR_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "g2tr_reduce", [&] {
+    score_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(), dim, im,
+                           scores.data_ptr<float>(), cells.data_ptr<int64_t>(), inv_norms.data_ptr<float>());
+    select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts.data(),
+                  quotas.data(), keep_idx.data_ptr<int64_t>());
+    merge_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), dim, im, keep_idx.const_data_ptr<int64_t>(),
+                           merge_weight, inv_norms.const_data_ptr<float>(), merged.data_ptr<scalar_t>(),
+                           assign.data_ptr<int64_t>());
+  });
+  return {merged, keep_idx, cu_seqlens, scores, assign};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(g2tr, CPU, m) { m.impl("reduce", &reduce_cpu); }
+
+}  // namespace g2tr::cpu

@@ -1,0 +1,235 @@
+"""The Python API: validate, reshape, call the op. No algorithm lives here.
+
+backend:
+  "auto"      CPU tensors -> "cpu" (C++ kernels). CUDA tensors -> "cuda" when compiled, else "triton".
+  "reference" the readable pure-PyTorch path (g2tr_kernels/reference), any device.
+  "cpu"       torch.ops.g2tr on CPU tensors.
+  "cuda"      torch.ops.g2tr on CUDA tensors (CUDA C++ kernels).
+  "triton"    Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1 (tests).
+A backend that cannot run raises; none falls back to another in silence.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from . import _checks, _native, reference
+from .reference.budget import budget
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+class ReduceOutput(NamedTuple):
+    merged: torch.Tensor  # [K_total, D], input dtype
+    keep_idx: torch.Tensor  # [K_total] int64, packed token indices, ascending
+    cu_seqlens: torch.Tensor  # [B + 1] int32, offsets of each image's kept rows
+    scores: torch.Tensor  # [N] fp32, cosine with the anchor of the token's cell
+    assign: torch.Tensor  # [N] int64, output row each token went into
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            backend = "cpu"
+        elif device.type == "cuda":
+            backend = "cuda" if _native.loaded() and "cuda" in _native.build_info()["backends"] else "triton"
+        else:
+            raise ValueError(f"backend='auto' has no kernels for device {device}; pass backend='reference'")
+    if backend in ("cpu", "cuda"):
+        _native.require(backend)
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
+        if backend == "cuda" and "cuda" not in _native.build_info()["backends"]:
+            raise RuntimeError("backend='cuda': this build of g2tr_kernels has no CUDA kernels (G2TR_BUILD_CUDA=1)")
+    if backend == "triton":
+        from . import triton as _triton  # imported lazily: triton is optional
+
+        _triton.require()
+    return backend
+
+
+def budgets(lengths: Sequence[int], keep_ratio: float = 0.5, min_keep: int = 32) -> List[int]:
+    """Per-image K: min(N, max(min_keep, round_half_even(N * keep_ratio)))."""
+    _checks.ratio("g2tr.budgets", keep_ratio, min_keep)
+    return [budget(int(n), keep_ratio, min_keep) for n in lengths]
+
+
+def reduce(
+    tokens: torch.Tensor,
+    anchors: torch.Tensor,
+    grids,
+    anchor_grids,
+    keep_ratio: float = 0.5,
+    min_keep: int = 32,
+    merge_weight: float = 1.0,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> ReduceOutput:
+    """G2TR on a packed batch: tokens [N, D] and anchors [M, D] of B images, packed in order.
+
+    grids / anchor_grids: ViT and anchor grid of each image, as [(h, w), ...] or
+    [h0, w0, h1, w1, ...] (host ints). Keeps K_b = min(N_b, max(min_keep,
+    round_half_even(N_b * keep_ratio))) tokens of image b: one seed per anchor cell,
+    then the best of the rest; merges every dropped token into its most similar kept
+    token of the same image. check_finite=True raises on NaN/Inf (reads the data).
+    """
+    op = "g2tr.reduce"
+    g, a = _checks.images(op, tokens, anchors, grids, anchor_grids)
+    _checks.ratio(op, keep_ratio, min_keep)
+    _checks.merge_weight(op, merge_weight)
+    if check_finite:
+        _check_finite_images(op, tokens, anchors, g, a)
+    backend = resolve_backend(backend, tokens.device)
+    if backend == "reference":
+        return ReduceOutput(*reference.reduce(tokens, anchors, g, a, keep_ratio, min_keep, merge_weight))
+    if backend == "triton":
+        from . import triton as _triton
+
+        return ReduceOutput(*_triton.reduce(tokens, anchors, g, a, keep_ratio, min_keep, merge_weight))
+    return ReduceOutput(
+        *torch.ops.g2tr.reduce(tokens, anchors, _checks.flat(g), _checks.flat(a), keep_ratio, min_keep, merge_weight)
+    )
+
+
+def reduce_padded(
+    tokens: torch.Tensor,
+    anchors: torch.Tensor,
+    grid,
+    anchor_grid,
+    keep_ratio: float = 0.5,
+    min_keep: int = 32,
+    merge_weight: float = 1.0,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> ReduceOutput:
+    """G2TR on a padded batch of same-size images: tokens [B, N, D], anchors [B, M, D].
+
+    grid = (h, w) with h * w = N and anchor_grid = (h_a, w_a) with h_a * w_a = M, for all
+    images. Returns merged [B, K, D], keep_idx [B, K] and assign [B, N] with indices local
+    to each image, scores [B, N], cu_seqlens [B + 1].
+    """
+    op = "g2tr.reduce_padded"
+    for name, t in (("tokens", tokens), ("anchors", anchors)):
+        _checks.float_tensor(op, name, t, 3)
+    if anchors.shape[0] != tokens.shape[0]:
+        raise ValueError(f"{op}: anchors hold {anchors.shape[0]} images but tokens hold {tokens.shape[0]}")
+    (h, w), = _checks.grid_pairs(op, "grid", grid)
+    (h_a, w_a), = _checks.grid_pairs(op, "anchor_grid", anchor_grid)
+    b, n, d = tokens.shape
+    out = reduce(
+        tokens.reshape(b * n, d), anchors.reshape(-1, anchors.shape[-1]), [(h, w)] * b, [(h_a, w_a)] * b,
+        keep_ratio, min_keep, merge_weight, backend, check_finite,
+    )
+    k = budget(n, keep_ratio, min_keep)
+    image = torch.arange(b, device=tokens.device)[:, None]
+    return ReduceOutput(
+        merged=out.merged.reshape(b, k, d),
+        keep_idx=out.keep_idx.reshape(b, k) - image * n,
+        cu_seqlens=out.cu_seqlens,
+        scores=out.scores.reshape(b, n),
+        assign=out.assign.reshape(b, n) - image * k,
+    )
+
+
+def anchor_scores(tokens, anchors, grids, anchor_grids, backend: str = "auto"):
+    """Stage III score: (scores fp32 [N], cells int64 [N], local cell id of each token)."""
+    g, a = _checks.images("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
+    backend = resolve_backend(backend, tokens.device)
+    if backend == "reference":
+        return reference.anchor_scores(tokens, anchors, g, a)
+    if backend == "triton":
+        from . import triton as _triton
+
+        return _triton.anchor_scores(tokens, anchors, g, a)
+    return torch.ops.g2tr.anchor_scores(tokens, anchors, _checks.flat(g), _checks.flat(a))
+
+
+def balanced_topk(
+    scores: torch.Tensor,
+    cells: torch.Tensor,
+    lengths: Sequence[int],
+    budgets: Sequence[int],
+    cell_counts: Sequence[int],
+    quota: Union[int, Sequence[int], str] = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Stage III select with any fp32 score ("bring your own score").
+
+    Per image b (lengths[b] tokens, local cell ids in [0, cell_counts[b])): walk tokens
+    in descending score order (ties: lower index), take one while its cell holds fewer
+    than quota[b] taken tokens, until budgets[b]; then fill with the best of the rest.
+    quota=1 is G2TR (one seed per cell); quota="window" is W-FastV's window quota
+    ceil(budgets[b] / cell_counts[b]). Cell ids outside the range only take part in the
+    fill. Returns global kept indices (int64), ascending.
+    """
+    op = "g2tr.balanced_topk"
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.dtype != torch.float32:
+        raise TypeError(f"{op}: scores must be a 1-D float32 tensor")
+    lengths = _checks.lengths(op, lengths, scores.shape[0])
+    _checks.index_tensor(op, "cells", cells, scores.shape[0])
+    _checks.same_device(op, "scores", scores, "cells", cells)
+    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
+    cell_counts = _checks.per_image(op, "cell_counts", cell_counts, lengths, high=1 << 26)
+    if quota == "window":
+        quotas = [math.ceil(k / c) for k, c in zip(budgets, cell_counts)]
+    elif isinstance(quota, int):
+        quotas = [quota] * len(lengths)
+    else:
+        quotas = list(quota)
+    quotas = _checks.per_image(op, "cell_quotas", quotas, lengths)
+    backend = resolve_backend(backend, scores.device)
+    if backend == "reference":
+        return reference.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
+    if backend == "triton":
+        from . import triton as _triton
+
+        return _triton.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
+    return torch.ops.g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
+
+
+def merge(
+    tokens: torch.Tensor,
+    keep_idx: torch.Tensor,
+    lengths: Sequence[int],
+    budgets: Sequence[int],
+    merge_weight: float = 1.0,
+    backend: str = "auto",
+):
+    """Stage IV for any keep set: (merged [sum(budgets), D], assign int64 [N]).
+
+    keep_idx: global indices, strictly ascending within each image, budgets[b] of them
+    for image b. Each dropped token joins the kept token of its image with the highest
+    cosine (ties: lower index); merged = (merge_weight * v_k + sum v_j) / (merge_weight + n_k).
+    """
+    op = "g2tr.merge"
+    _checks.float_tensor(op, "tokens", tokens, 2)
+    lengths = _checks.lengths(op, lengths, tokens.shape[0])
+    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
+    _checks.index_tensor(op, "keep_idx", keep_idx, sum(budgets))
+    _checks.same_device(op, "tokens", tokens, "keep_idx", keep_idx)
+    _checks.merge_weight(op, merge_weight)
+    backend = resolve_backend(backend, tokens.device)
+    if backend == "reference":
+        return reference.merge(tokens, keep_idx, lengths, budgets, merge_weight)
+    if backend == "triton":
+        from . import triton as _triton
+
+        return _triton.merge(tokens, keep_idx, lengths, budgets, merge_weight)
+    return torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, merge_weight)
+
+
+def _check_finite_images(op, tokens, anchors, grids, anchor_grids) -> None:
+    begins, start = [], 0
+    for h, w in grids:
+        begins.append(start)
+        start += h * w
+    _checks.finite(op, "tokens", tokens, begins)
+    begins, start = [], 0
+    for h, w in anchor_grids:
+        begins.append(start)
+        start += h * w
+    _checks.finite(op, "anchors", anchors, begins)

@@ -1,0 +1,77 @@
+"""Builds g2tr_kernels._C: the torch.ops.g2tr schemas, CPU kernels and, optionally, CUDA kernels.
+
+G2TR_BUILD_CUDA=auto (default): build the CUDA kernels when torch is a CUDA build and
+nvcc is found (CUDA_HOME); never decided by whether a GPU is present.
+G2TR_BUILD_CUDA=1: require them (fails without nvcc); 0: CPU only.
+TORCH_CUDA_ARCH_LIST picks the archs (default "8.0;9.0"). No network is used.
+"""
+import glob
+import os
+import re
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "g2tr_kernels", "version.py")).read()).group(1)
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("G2TR_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"G2TR_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    import torch
+
+    has_sources = bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    available = has_sources and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not available:
+        raise RuntimeError(
+            "G2TR_BUILD_CUDA=1 needs a CUDA build of torch and nvcc: set CUDA_HOME to the toolkit root "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}, "
+            f"csrc/cuda sources: {has_sources})"
+        )
+    return available
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extension():
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources += ["python/module.cpp"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20", f'-DG2TR_VERSION="{VERSION}"']
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    if not want_cuda():
+        return cpp_extension.CppExtension(
+            "g2tr_kernels._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+        )
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    cuda_include = []
+    try:  # the pip CUDA headers (cublas_v2.h, cusparse.h) that ATen/cuda/CUDAContext.h pulls in
+        import nvidia
+
+        for base in nvidia.__path__:
+            cuda_include += glob.glob(os.path.join(base, "cu*", "include"))
+    except ImportError:
+        pass
+    nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills",
+            f'-DG2TR_VERSION="{VERSION}"', "-DG2TR_WITH_CUDA"]
+    cxx += ["-DG2TR_WITH_CUDA", f'-DG2TR_CUDA_ARCHS="{archs}"']
+    return cpp_extension.CUDAExtension(
+        "g2tr_kernels._C", sources, include_dirs=include_dirs + cuda_include,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="g2tr_kernels",
+    version=VERSION,
+    packages=find_packages(include=["g2tr_kernels", "g2tr_kernels.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
