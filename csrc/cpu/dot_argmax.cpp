@@ -68,6 +68,13 @@ inline uint32_t load_pair(const c10::BFloat16* p) {
 inline uint32_t load_last(const c10::BFloat16* p) { return p->x; }
 
 #if G2TR_DOT_ARGMAX_X86
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers build "undefined" vectors as `__Y = __Y`, which -Wall flags
+// wherever they get inlined into a target("avx512...") function: a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #define G2TR_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // One R x kPanel register tile over the whole of d, then its argmax epilogue merged
@@ -233,6 +240,9 @@ G2TR_TARGET_BF16 void pack_panels(const c10::BFloat16* B, int64_t ldb, const int
     }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif  // G2TR_DOT_ARGMAX_X86
 
 }  // namespace

@@ -34,8 +34,9 @@ void dot_argmax_pack_b(const c10::BFloat16* B, int64_t ldb, const int64_t* rows,
 //                 0 when no value exceeds -inf (including n == 0),
 //   best_val[i] = that value, or -inf when nothing won.
 // a_scale is indexed by i (not by a_rows[i]), b_scale by j. Serial on the calling
-// thread and reentrant: callers split [0, m) into tasks; the result of a row does not
-// depend on the split.
+// thread and reentrant: callers split [0, m) into tasks sharing one read-only packed
+// buffer; the result of a row does not depend on the split. best_idx/best_val hold the
+// running best during the call, so they must not alias the inputs. Requires n < 2^31.
 void dot_argmax_rows(const c10::BFloat16* A, int64_t lda, const int64_t* a_rows, int64_t m,
                      const c10::BFloat16* packed_b, int64_t n, int64_t d,
                      const float* a_scale, const float* b_scale, int64_t* best_idx,
