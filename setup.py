@@ -25,7 +25,12 @@ def want_cuda() -> bool:
     import torch
 
     has_sources = bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    available = has_sources and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    toolkit = home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+    available = has_sources and torch.version.cuda is not None and toolkit
+    if mode == "auto" and not available:
+        print(f"g2tr_kernels: building without CUDA kernels (csrc/cuda sources: {has_sources}, "
+              f"torch CUDA: {torch.version.cuda}, toolkit at CUDA_HOME={home}: {toolkit})")
     if mode == "1" and not available:
         raise RuntimeError(
             "G2TR_BUILD_CUDA=1 needs a CUDA build of torch and nvcc: set CUDA_HOME to the toolkit root "

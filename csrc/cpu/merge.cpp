@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "cpu_kernels.h"
@@ -19,7 +20,15 @@
 namespace g2tr::cpu {
 namespace {
 
-constexpr int64_t kRowTile = 32;  // dropped rows per task: 2 tasks per core even on 256-token images
+constexpr int64_t kRowTile = 32;  // dropped rows per fp32 GEMM tile: small enough to stay in L2
+
+// Dropped rows per task of the bf16 kernel: large, so each packed panel of kept rows is
+// reused from L2 by many rows (dot_argmax.cpp blocks 192 rows), yet at least two tasks
+// per thread so small images still use every core.
+int64_t bf16_rows_per_task(int64_t m) {
+  const int64_t tasks = 2 * at::get_num_threads();
+  return std::clamp<int64_t>((m + tasks - 1) / tasks, 8, 192);
+}
 
 // Best kept column of each dropped row, fp32 GEMM per tile; same value and tie rule as
 // dot_argmax_rows: value = (dot * b_scale[j]) * a_scale[i], strict > keeps the lowest j.
@@ -64,10 +73,11 @@ void assign_bf16(const c10::BFloat16* rows, int64_t dim, const std::vector<int64
   const at::Tensor packed_t = at::empty({dot_argmax_packed_size(n, dim)}, at::kBFloat16);
   c10::BFloat16* packed = packed_t.data_ptr<c10::BFloat16>();
   dot_argmax_pack_b(rows, dim, kept.data(), n, dim, packed);
-  at::parallel_for(0, (m + kRowTile - 1) / kRowTile, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    std::vector<float> best_val(kRowTile);
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      const int64_t r0 = t * kRowTile, rows_here = std::min(kRowTile, m - r0);
+  const int64_t rows_per_task = bf16_rows_per_task(m);
+  at::parallel_for(0, (m + rows_per_task - 1) / rows_per_task, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<float> best_val(rows_per_task);
+    for (int64_t t = task_begin; t < task_end; ++t) {
+      const int64_t r0 = t * rows_per_task, rows_here = std::min(rows_per_task, m - r0);
       dot_argmax_rows(rows, dim, dropped.data() + r0, rows_here, packed, n, dim, a_scale + r0, b_scale,
                       best + r0, best_val.data());
     }
@@ -144,8 +154,7 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
           add_row(acc.data(), rows + group[g] * dim, dim);
           count += 1.0f;
         }
-        T* out = merged + (out0 + r) * dim;
-        for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(acc[d] / count);
+        divide_row(merged + (out0 + r) * dim, acc.data(), count, dim);
       }
     });
   }

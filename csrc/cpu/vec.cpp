@@ -31,6 +31,17 @@ G2TR_INLINE float widen(c10::BFloat16 x) {
 }
 G2TR_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
 
+G2TR_INLINE void narrow(float* out, float x) { *out = x; }
+// fp32 -> bf16 with round to nearest even (NaN stays a quiet NaN), c10::BFloat16's rule,
+// written without branches so the vectoriser sees through it.
+G2TR_INLINE void narrow(c10::BFloat16* out, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  out->x = static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+}
+G2TR_INLINE void narrow(c10::Half* out, float x) { *out = c10::Half(x); }
+
 G2TR_INLINE float tree_sum(float* acc) {
   for (int s = kLanes / 2; s > 0; s /= 2)
     for (int l = 0; l < s; ++l) acc[l] += acc[l + s];
@@ -88,6 +99,9 @@ G2TR_INLINE float sumsq_impl(const T* x, int64_t d) {
   }                                                                                                      \
   G2TR_CLONES void widen_row(float* out, const T* x, int64_t d) {                                        \
     for (int64_t i = 0; i < d; ++i) out[i] = widen(x[i]);                                                \
+  }                                                                                                      \
+  G2TR_CLONES void divide_row(T* out, const float* acc, float count, int64_t d) {                        \
+    for (int64_t i = 0; i < d; ++i) narrow(out + i, acc[i] / count);                                     \
   }
 
 G2TR_DEFINE_ROW_KERNELS(float)

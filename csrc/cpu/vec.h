@@ -17,7 +17,9 @@ namespace g2tr::cpu {
   /* acc += x */                                                                         \
   void add_row(float* acc, const T* x, int64_t d);                                       \
   /* out = x (fp32) */                                                                   \
-  void widen_row(float* out, const T* x, int64_t d);
+  void widen_row(float* out, const T* x, int64_t d);                                     \
+  /* out = T(acc / count), round to nearest even */                                     \
+  void divide_row(T* out, const float* acc, float count, int64_t d);
 
 G2TR_DECLARE_ROW_KERNELS(float)
 G2TR_DECLARE_ROW_KERNELS(c10::BFloat16)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv, builds everything from scratch, runs every check.
+#   bash tools/test.sh            # from a fresh clone, on any machine with python3 + g++
+# Steps: build (tools/setup.sh) -> ptxas report when CUDA kernels were built -> pytest
+# (tests/, Triton kernels under TRITON_INTERPRET=1) -> benchmark smoke run -> libtorch
+# CMake build and its ctest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${G2TR_VENV:-.venv}"
+bash tools/setup.sh
+PY="$VENV/bin/python"
+
+if "$PY" -c "import g2tr_kernels, sys; sys.exit('cuda' not in g2tr_kernels.build_info()['backends'])"; then
+  "$PY" tools/ptxas_report.py build/pip-build.log --out build/ptxas_report.md
+fi
+
+run_pytest() {
+  local rc=0
+  "$PY" -m pytest "$@" || rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests in $*: that is a failure here" >&2
+    exit 1
+  fi
+  return "$rc"
+}
+run_pytest -q tests
+run_pytest -q benchmarks --benchmark-disable
+
+TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+CMAKE_ARGS=(-S . -B build/cmake -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}")
+if [ -n "${CUDA_HOME:-}" ] || [ -x /usr/local/cuda/bin/nvcc ]; then
+  CMAKE_ARGS+=(-DCUDA_TOOLKIT_ROOT_DIR="${CUDA_HOME:-/usr/local/cuda}")
+fi
+NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)"
+[ -n "$NVRTC" ] && CMAKE_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
+cmake "${CMAKE_ARGS[@]}" > build/cmake-configure.log 2>&1 || { tail -n 40 build/cmake-configure.log; exit 1; }
+cmake --build build/cmake -j2 > build/cmake-build.log 2>&1 || { tail -n 40 build/cmake-build.log; exit 1; }
+ctest --test-dir build/cmake --output-on-failure
