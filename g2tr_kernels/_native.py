@@ -16,7 +16,7 @@ except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR = error
 
 if _C is not None:
-    from . import _fake  # noqa: F401,E402
+    from . import _autograd, _fake  # noqa: F401,E402
 
 
 def loaded() -> bool:
