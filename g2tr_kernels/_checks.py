@@ -132,3 +132,32 @@ def finite(op: str, name: str, t: torch.Tensor, begins: Sequence[int]) -> None:
         row = int(torch.nonzero(bad)[0])
         image = max(b for b, start in enumerate(begins) if start <= row)
         raise ValueError(f"{op}: {name} of image {image} has a non-finite value (row {row})")
+
+
+def balanced_topk_args(op: str, scores, cells, lengths_, budgets, cell_counts, cell_quotas):
+    """Checks of balanced_topk (API and fake kernel); returns the int lists."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.dtype != torch.float32:
+        desc = f"{scores.dtype} of shape {list(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise TypeError(f"{op}: scores must be a 1-D float32 tensor, got {desc}")
+    index_tensor(op, "cells", cells, scores.shape[0])
+    same_device(op, "scores", scores, "cells", cells)
+    lengths_ = lengths(op, lengths_, scores.shape[0])
+    budgets = per_image(op, "budgets", budgets, lengths_, high="length")
+    cell_counts = per_image(op, "cell_counts", cell_counts, lengths_, high=1 << 26)
+    if cell_quotas == "window":  # W-FastV: each window keeps at most ceil(K / #windows)
+        cell_quotas = [math.ceil(k / c) for k, c in zip(budgets, cell_counts)]
+    elif isinstance(cell_quotas, int):
+        cell_quotas = [cell_quotas] * len(lengths_)
+    cell_quotas = per_image(op, "cell_quotas", cell_quotas, lengths_)
+    return lengths_, budgets, cell_counts, cell_quotas
+
+
+def merge_args(op: str, tokens, keep_idx, lengths_, budgets, weight):
+    """Checks of merge (API and fake kernel); returns the int lists."""
+    float_tensor(op, "tokens", tokens, 2)
+    lengths_ = lengths(op, lengths_, tokens.shape[0])
+    budgets = per_image(op, "budgets", budgets, lengths_, high="length")
+    index_tensor(op, "keep_idx", keep_idx, sum(budgets))
+    same_device(op, "tokens", tokens, "keep_idx", keep_idx)
+    merge_weight(op, weight)
+    return lengths_, budgets

@@ -19,18 +19,15 @@ def _anchor_scores_fake(tokens, anchors, grids, anchor_grids):
 
 @torch.library.register_fake("g2tr::balanced_topk")
 def _balanced_topk_fake(scores, cells, lengths, budgets, cell_counts, cell_quotas):
-    op = "g2tr.balanced_topk"
-    lengths = _checks.lengths(op, lengths, scores.shape[0])
-    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
+    _, budgets, _, _ = _checks.balanced_topk_args(
+        "g2tr.balanced_topk", scores, cells, lengths, budgets, cell_counts, cell_quotas
+    )
     return scores.new_empty(sum(budgets), dtype=torch.int64)
 
 
 @torch.library.register_fake("g2tr::merge")
 def _merge_fake(tokens, keep_idx, lengths, budgets, merge_weight=1.0):
-    op = "g2tr.merge"
-    lengths = _checks.lengths(op, lengths, tokens.shape[0])
-    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
-    _checks.merge_weight(op, merge_weight)
+    _, budgets = _checks.merge_args("g2tr.merge", tokens, keep_idx, lengths, budgets, merge_weight)
     return tokens.new_empty(sum(budgets), tokens.shape[1]), tokens.new_empty(tokens.shape[0], dtype=torch.int64)
 
 

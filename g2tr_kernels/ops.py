@@ -10,7 +10,6 @@ A backend that cannot run raises; none falls back to another in silence.
 """
 from __future__ import annotations
 
-import math
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -117,8 +116,7 @@ def reduce_padded(
         _checks.float_tensor(op, name, t, 3)
     if anchors.shape[0] != tokens.shape[0]:
         raise ValueError(f"{op}: anchors hold {anchors.shape[0]} images but tokens hold {tokens.shape[0]}")
-    (h, w), = _checks.grid_pairs(op, "grid", grid)
-    (h_a, w_a), = _checks.grid_pairs(op, "anchor_grid", anchor_grid)
+    (h, w), (h_a, w_a) = (_one_pair(op, name, g) for name, g in (("grid", grid), ("anchor_grid", anchor_grid)))
     b, n, d = tokens.shape
     out = reduce(
         tokens.reshape(b * n, d), anchors.reshape(-1, anchors.shape[-1]), [(h, w)] * b, [(h_a, w_a)] * b,
@@ -166,21 +164,9 @@ def balanced_topk(
     ceil(budgets[b] / cell_counts[b]). Cell ids outside the range only take part in the
     fill. Returns global kept indices (int64), ascending.
     """
-    op = "g2tr.balanced_topk"
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.dtype != torch.float32:
-        raise TypeError(f"{op}: scores must be a 1-D float32 tensor")
-    lengths = _checks.lengths(op, lengths, scores.shape[0])
-    _checks.index_tensor(op, "cells", cells, scores.shape[0])
-    _checks.same_device(op, "scores", scores, "cells", cells)
-    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
-    cell_counts = _checks.per_image(op, "cell_counts", cell_counts, lengths, high=1 << 26)
-    if quota == "window":
-        quotas = [math.ceil(k / c) for k, c in zip(budgets, cell_counts)]
-    elif isinstance(quota, int):
-        quotas = [quota] * len(lengths)
-    else:
-        quotas = list(quota)
-    quotas = _checks.per_image(op, "cell_quotas", quotas, lengths)
+    lengths, budgets, cell_counts, quotas = _checks.balanced_topk_args(
+        "g2tr.balanced_topk", scores, cells, lengths, budgets, cell_counts, quota
+    )
     backend = resolve_backend(backend, scores.device)
     if backend == "reference":
         return reference.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
@@ -205,13 +191,7 @@ def merge(
     for image b. Each dropped token joins the kept token of its image with the highest
     cosine (ties: lower index); merged = (merge_weight * v_k + sum v_j) / (merge_weight + n_k).
     """
-    op = "g2tr.merge"
-    _checks.float_tensor(op, "tokens", tokens, 2)
-    lengths = _checks.lengths(op, lengths, tokens.shape[0])
-    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
-    _checks.index_tensor(op, "keep_idx", keep_idx, sum(budgets))
-    _checks.same_device(op, "tokens", tokens, "keep_idx", keep_idx)
-    _checks.merge_weight(op, merge_weight)
+    lengths, budgets = _checks.merge_args("g2tr.merge", tokens, keep_idx, lengths, budgets, merge_weight)
     backend = resolve_backend(backend, tokens.device)
     if backend == "reference":
         return reference.merge(tokens, keep_idx, lengths, budgets, merge_weight)
@@ -220,6 +200,13 @@ def merge(
 
         return _triton.merge(tokens, keep_idx, lengths, budgets, merge_weight)
     return torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, merge_weight)
+
+
+def _one_pair(op: str, name: str, grid):
+    pairs = _checks.grid_pairs(op, name, grid)
+    if len(pairs) != 1:
+        raise ValueError(f"{op}: {name} must be one (h, w) pair shared by every image, got {len(pairs)} pairs")
+    return pairs[0]
 
 
 def _check_finite_images(op, tokens, anchors, grids, anchor_grids) -> None:

@@ -42,8 +42,15 @@ def merge(tokens, keep_idx, lengths, budgets, merge_weight: float = 1.0):
     """Returns merged [sum(budgets), D] in the input dtype and assign int64 [N] (global output rows)."""
     merged, assign = [], []
     t0 = k0 = 0
-    for n, k in zip(lengths, budgets):
-        m, a = merge_one_image(tokens[t0 : t0 + n], keep_idx[k0 : k0 + k] - t0, merge_weight)
+    for b, (n, k) in enumerate(zip(lengths, budgets)):
+        kept = keep_idx[k0 : k0 + k] - t0
+        # Kept indices must be strictly ascending inside the image (reads the data).
+        if bool((kept[1:] <= kept[:-1]).any()) or bool(kept[0] < 0) or bool(kept[-1] >= n):
+            raise ValueError(
+                f"g2tr.merge: keep_idx of image {b} must be strictly ascending within [{t0}, {t0 + n}), "
+                f"got {(kept + t0).tolist()[:8]}{'...' if k > 8 else ''}"
+            )
+        m, a = merge_one_image(tokens[t0 : t0 + n], kept, merge_weight)
         merged.append(m.to(tokens.dtype))
         assign.append(a + k0)
         t0 += n

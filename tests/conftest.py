@@ -1,0 +1,25 @@
+# Triton kernel bodies are tested on the CPU through the interpreter, which reads this
+# variable when triton is first imported: it must be set before anything imports it.
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests stay small and unhurried: a 2-core CI box, and shapes that vary per example.
+settings.register_profile("g2tr", max_examples=30, deadline=None, print_blob=True)
+settings.register_profile("g2tr-thorough", max_examples=300, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("G2TR_HYPOTHESIS_PROFILE", "g2tr"))
+
+from helpers import DEVICES  # noqa: E402  ("cuda" only where a GPU exists: no wall of skips elsewhere)
+
+
+def devices():
+    """The devices the kernel tests run on: "cpu", plus "cuda" when a GPU is present."""
+    return list(DEVICES)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

@@ -1,0 +1,207 @@
+"""g2tr_kernels.balanced_topk: per-cell quota in descending score order, then fill.
+
+Selection reads fp32 scores only, so every backend must agree with the reference exactly,
+ties and NaN included.
+"""
+import math
+
+import pytest
+import torch
+
+import g2tr_kernels as g2tr
+from g2tr_kernels import reference
+from helpers import BACKEND_DEVICE_IDS, BACKEND_DEVICES, assert_bitwise_equal, kernel_backend, offsets, spec_selection
+
+backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+NAN, INF = float("nan"), float("inf")
+
+
+def select(backend, device, scores, cells, lengths, budgets, cell_counts, quota=1):
+    return g2tr.balanced_topk(
+        torch.tensor(scores, dtype=torch.float32, device=device), torch.tensor(cells, dtype=torch.int64, device=device),
+        lengths, budgets, cell_counts, quota, backend=backend,
+    ).tolist()
+
+
+@backend_device
+@pytest.mark.parametrize(
+    "k,kept",
+    [
+        (1, [0]),  # the best cell's seed
+        (2, [0, 3]),  # seeds of cells 0 (.9) and 1 (.7), not the plain top-2 (.9, .8)
+        (3, [0, 3, 4]),  # cell 2's best: 4 and 5 tie at .3, the lower index wins
+        (4, [0, 1, 3, 4]),  # every cell seeded, fill takes .8
+        (5, [0, 1, 3, 4, 5]),  # then .3 (token 5) before .1 (token 2)
+        (6, [0, 1, 2, 3, 4, 5]),
+    ],
+)
+def test_one_seed_per_cell_by_hand(backend, device, k, kept):
+    #          token:  0    1    2    3    4    5
+    scores = [0.9, 0.8, 0.1, 0.7, 0.3, 0.3]
+    cells = [0, 0, 1, 1, 2, 2]
+    assert select(backend, device, scores, cells, [6], [k], [3]) == kept
+
+
+@backend_device
+@pytest.mark.parametrize(
+    "k,quota,kept",
+    [
+        (4, "window", [0, 1, 4, 5]),  # ceil(4 / 2) = 2 per window, though the top 4 all sit in window 0
+        (5, "window", [0, 1, 2, 4, 5]),  # ceil(5 / 2) = 3
+        (3, "window", [0, 1, 4]),  # ceil(3 / 2) = 2
+        (3, 2, [0, 1, 4]),
+        (3, 3, [0, 1, 2]),
+        (7, 2, [0, 1, 2, 3, 4, 5, 6]),  # quota filled (0, 1, 4, 5), then fill 2, 3, 6
+        (2, 8, [0, 1]),  # a quota above the window size is plain top-K
+    ],
+)
+def test_window_quota_by_hand(backend, device, k, quota, kept):
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    cells = [0, 0, 0, 0, 1, 1, 1, 1]
+    assert select(backend, device, scores, cells, [8], [k], [2], quota) == kept
+
+
+@backend_device
+def test_window_quota_per_image(backend, device):
+    # Image 0: K 4 over 2 windows -> quota 2. Image 1: K 3 over 3 windows -> quota 1.
+    scores = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3] + [0.9, 0.8, 0.7, 0.1, 0.2, 0.3]
+    cells = [0, 0, 0, 1, 1, 1] + [0, 0, 1, 1, 2, 2]
+    got = select(backend, device, scores, cells, [6, 6], [4, 3], [2, 3], "window")
+    assert got == [0, 1, 4, 5] + [6, 8, 11]
+    # Explicit per-image quotas, the other way round.
+    got = select(backend, device, scores, cells, [6, 6], [4, 3], [2, 3], [1, 2])
+    assert got == [0, 1, 2, 5] + [6, 7, 8]
+
+
+@backend_device
+def test_cells_minus_one_is_fill_only(backend, device):
+    # No valid cell: the selection is the plain top-K (ties to the lower index, NaN last).
+    scores = [0.1, 0.5, 0.5, 0.9, NAN, 0.2]
+    cells = [-1] * 6
+    assert select(backend, device, scores, cells, [6], [3], [1]) == [1, 2, 3]
+    assert select(backend, device, scores, cells, [6], [5], [4]) == [0, 1, 2, 3, 5]
+    assert select(backend, device, scores, cells, [6], [6], [4]) == [0, 1, 2, 3, 4, 5]
+
+
+@backend_device
+def test_cells_outside_the_range_take_part_in_the_fill_only(backend, device):
+    # Tokens 0 and 1 score best but sit in no valid cell (-1, and 2 >= cell_counts = 2):
+    # with K = 2 the seeds of cells 0 and 1 come first.
+    scores = [0.9, 0.8, 0.1, 0.2, 0.3]
+    cells = [-1, 2, 0, 1, 1]
+    assert select(backend, device, scores, cells, [5], [2], [2]) == [2, 4]
+    assert select(backend, device, scores, cells, [5], [3], [2]) == [0, 2, 4]
+    assert select(backend, device, scores, cells, [5], [4], [2]) == [0, 1, 2, 4]
+
+
+@backend_device
+def test_nan_ranks_last(backend, device):
+    # Cells 0 and 1 hold only NaN: their seeds rank below cell 2's, and the NaN tokens are
+    # taken lowest index first when K reaches them.
+    scores = [NAN, NAN, 0.1, -0.5]
+    cells = [0, 1, 2, 2]
+    assert select(backend, device, scores, cells, [4], [1], [3]) == [2]
+    assert select(backend, device, scores, cells, [4], [2], [3]) == [0, 2]
+    assert select(backend, device, scores, cells, [4], [3], [3]) == [0, 1, 2]
+    # Infinities are ordinary values: +inf first.
+    scores = [0.5, INF, -INF, 0.7]
+    assert select(backend, device, scores, [-1] * 4, [4], [2], [1]) == [1, 3]
+    assert select(backend, device, scores, [-1] * 4, [4], [3], [1]) == [0, 1, 3]
+
+
+@backend_device
+def test_ties_go_to_the_lower_index(backend, device):
+    scores = [0.5] * 12
+    cells = [0, 1, 2] * 4
+    # Every cell's best is its first token (0, 1, 2); fill continues in index order.
+    assert select(backend, device, scores, cells, [12], [2], [3]) == [0, 1]
+    assert select(backend, device, scores, cells, [12], [5], [3]) == [0, 1, 2, 3, 4]
+    # Signed zeros compare equal: -0.0 at index 0 ties with +0.0 at index 1.
+    assert select(backend, device, [-0.0, 0.0, 0.0], [-1] * 3, [3], [1], [1]) == [0]
+
+
+@backend_device
+def test_indices_are_global(backend, device):
+    scores = [0.1, 0.9, 0.5] + [0.3, 0.2, 0.8, 0.8]
+    cells = [0, 0, 0] + [0, 0, 1, 1]
+    got = select(backend, device, scores, cells, [3, 4], [1, 2], [1, 2])
+    assert got == [1] + [3, 5]
+
+
+@backend_device
+def test_budget_equal_to_length_keeps_all(backend, device):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(30, generator=gen).tolist()
+    cells = torch.randint(0, 4, (30,), generator=gen).tolist()
+    assert select(backend, device, scores, cells, [10, 20], [10, 20], [4, 4]) == list(range(30))
+
+
+@backend_device
+def test_zero_images(backend, device):
+    keep = g2tr.balanced_topk(torch.empty(0, device=device), torch.empty(0, dtype=torch.int64, device=device), [], [],
+                              [], backend=backend)
+    assert keep.shape == (0,) and keep.dtype == torch.int64
+
+
+def _random_case(seed, device):
+    """Many images; scores from a handful of values (ties), with NaN and infinities; cells
+    in [-1, C] so some are out of range; random budgets and quotas."""
+    gen = torch.Generator().manual_seed(seed)
+    b = int(torch.randint(1, 6, (1,), generator=gen))
+    lengths = torch.randint(1, 200, (b,), generator=gen).tolist()
+    cell_counts = [int(torch.randint(1, max(2, n // 2), (1,), generator=gen)) for n in lengths]
+    budgets = [int(torch.randint(1, n + 1, (1,), generator=gen)) for n in lengths]
+    quotas = [int(torch.randint(1, 4, (1,), generator=gen)) for _ in lengths]
+    n = sum(lengths)
+    palette = torch.tensor([NAN, -INF, INF, -1.0, -0.0, 0.0, 0.25, 0.5, 0.75])
+    scores = torch.where(torch.rand(n, generator=gen) < 0.5, palette[torch.randint(0, 9, (n,), generator=gen)],
+                         torch.randn(n, generator=gen))
+    cells = torch.cat([torch.randint(-1, c + 1, (m,), generator=gen) for m, c in zip(lengths, cell_counts)])
+    return scores.to(device), cells.to(device), lengths, budgets, cell_counts, quotas
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_kernel_matches_reference_exactly(seed, device):
+    scores, cells, lengths, budgets, cell_counts, quotas = _random_case(seed, device)
+    want = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend="reference")
+    got = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend=kernel_backend(device))
+    assert_bitwise_equal("keep_idx", got.cpu(), want.cpu())
+    got = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend=kernel_backend(device))
+    want = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend="reference")
+    assert_bitwise_equal("keep_idx (window quota)", got.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_reference_follows_the_spec_wording(seed):
+    # The reference's one-pass rule against SPEC.md §3 as written (cell bests, ranked
+    # cells, top min(K, #cells) seeds, fill), on tie-heavy scores.
+    scores, cells, lengths, budgets, cell_counts, _ = _random_case(100 + seed, "cpu")
+    got = reference.balanced_topk(scores, cells, lengths, budgets, cell_counts, [1] * len(lengths))
+    t_off, k_off = offsets(lengths), offsets(budgets)
+    for b in range(len(lengths)):
+        s = scores[t_off[b] : t_off[b + 1]].tolist()
+        c = cells[t_off[b] : t_off[b + 1]].tolist()
+        want = [i + t_off[b] for i in spec_selection(s, c, budgets[b], cell_counts[b])]
+        assert got[k_off[b] : k_off[b + 1]].tolist() == want, f"image {b}"
+
+
+@backend_device
+def test_non_contiguous_scores_and_cells(backend, device):
+    scores, cells, lengths, budgets, cell_counts, quotas = _random_case(7, device)
+    want = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend=backend)
+    s2 = torch.stack([scores, torch.zeros_like(scores)], 1)[:, 0]
+    c2 = torch.stack([torch.zeros_like(cells), cells], 1)[:, 1]
+    assert not s2.is_contiguous() and not c2.is_contiguous()
+    got = g2tr.balanced_topk(s2, c2, lengths, budgets, cell_counts, quotas, backend=backend)
+    assert_bitwise_equal("keep_idx", got, want)
+
+
+def test_quota_window_is_ceil_of_budget_over_cells():
+    scores, cells, lengths, budgets, cell_counts, _ = _random_case(3, "cpu")
+    quotas = [math.ceil(k / c) for k, c in zip(budgets, cell_counts)]
+    for backend in ("reference", "cpu"):
+        assert_bitwise_equal(
+            backend,
+            g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend=backend),
+            g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend=backend),
+        )

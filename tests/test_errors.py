@@ -1,0 +1,382 @@
+"""Bad input (SPEC.md §6): a clear error naming the argument and, where it is per image,
+the image. Every case runs through the Python API (backends "reference" and "cpu") and
+directly through torch.ops.g2tr, whose C++ checks raise ValueError (TORCH_CHECK_VALUE) and
+TypeError (TORCH_CHECK_TYPE); the fake (meta) kernels must reject the same shapes too.
+"""
+import math
+import re
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Type
+
+import pytest
+import torch
+
+import g2tr_kernels as g2tr
+
+PY_BACKENDS = ["reference", "cpu"]
+NAN, INF = float("nan"), float("inf")
+
+
+class Case(NamedTuple):
+    id: str
+    changes: Callable[[Dict], None]  # edits the valid arguments in place
+    error: Type[Exception]
+    fragments: Sequence[str]  # every one must appear in the message
+    ops_error: Optional[Type[Exception]] = None  # when torch.ops raises something else
+    ops_fragments: Optional[Sequence[str]] = None
+    python_only: bool = False  # argument forms that only the Python API accepts
+    reads_data: bool = False  # the check needs the values: no fake/meta kernel can make it
+
+
+def check_message(error: BaseException, fragments: Sequence[str]) -> None:
+    message = str(error)
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"message lacks {missing}: {message!r}"
+
+
+def ids(cases):
+    return [c.id for c in cases]
+
+
+def setter(**values):
+    def change(args):
+        args.update(values)
+
+    return change
+
+
+def tensor_setter(name, fn):
+    def change(args):
+        args[name] = fn(args[name])
+
+    return change
+
+
+# ---------------------------------------------------------------------------- reduce
+
+# Two images: 2x4 tokens over 1x2 anchors, 3x2 tokens over 2x1 anchors (N = 14, M = 4).
+def reduce_args() -> Dict:
+    gen = torch.Generator().manual_seed(0)
+    return dict(
+        tokens=torch.randn(14, 8, generator=gen), anchors=torch.randn(4, 8, generator=gen),
+        grids=[2, 4, 3, 2], anchor_grids=[1, 2, 2, 1], keep_ratio=0.5, min_keep=1, merge_weight=1.0,
+    )
+
+
+DTYPE_WORDS = ["float32, float16 or bfloat16"]
+REDUCE_CASES = [
+    Case("tokens-1d", tensor_setter("tokens", lambda t: t.reshape(-1)), ValueError, ["tokens", "2-D"]),
+    Case("tokens-3d", tensor_setter("tokens", lambda t: t[None]), ValueError, ["tokens", "2-D"]),
+    Case("anchors-1d", tensor_setter("anchors", lambda t: t.reshape(-1)), ValueError, ["anchors", "2-D"]),
+    Case("anchors-3d", tensor_setter("anchors", lambda t: t.reshape(2, 2, 8)), ValueError, ["anchors", "2-D"]),
+    Case("mismatched-d", tensor_setter("anchors", lambda t: t[:, :6]), ValueError, ["anchors", "D = 6", "D = 8"]),
+    Case("n-not-sum-hw", tensor_setter("tokens", lambda t: torch.cat([t, t[:1]])), ValueError,
+         ["tokens", "N = 15", "14"]),
+    Case("m-not-sum-hw", tensor_setter("anchors", lambda t: t[:3]), ValueError, ["anchors", "M = 3", "4"]),
+    Case("grid-zero", setter(grids=[2, 4, 0, 2]), ValueError, ["grids of image 1", "positive"]),
+    Case("grid-negative", setter(grids=[-2, 4, 3, 2]), ValueError, ["grids of image 0", "positive"]),
+    Case("anchor-grid-zero", setter(anchor_grids=[1, 2, 2, 0]), ValueError, ["anchor_grids of image 1", "positive"]),
+    Case("anchor-grid-negative", setter(anchor_grids=[1, -2, 2, 1]), ValueError, ["anchor_grids of image 0"]),
+    Case("grids-odd-length", setter(grids=[2, 4, 3]), ValueError, ["grids", "pair"]),
+    Case("anchor-grids-odd-length", setter(anchor_grids=[1, 2, 2]), ValueError, ["anchor_grids", "pair"]),
+    Case("image-counts-differ", setter(anchor_grids=[2, 2]), ValueError, ["anchor_grids", "1", "grids", "2"]),
+    Case("grids-tensor", setter(grids=torch.tensor([2, 4, 3, 2])), TypeError, ["grids", "tensor"],
+         ops_error=RuntimeError, ops_fragments=["grids"]),
+    Case("anchor-grids-tensor", setter(anchor_grids=torch.tensor([1, 2, 2, 1])), TypeError, ["anchor_grids", "tensor"],
+         ops_error=RuntimeError, ops_fragments=["anchor_grids"]),
+    Case("grid-pair-of-three", setter(grids=[(2, 4, 1), (3, 2)]), ValueError, ["grids of image 0", "pair"],
+         python_only=True),
+    Case("keep-ratio-zero", setter(keep_ratio=0.0), ValueError, ["keep_ratio", "(0, 1]"]),
+    Case("keep-ratio-above-one", setter(keep_ratio=1.5), ValueError, ["keep_ratio"]),
+    Case("keep-ratio-negative", setter(keep_ratio=-0.5), ValueError, ["keep_ratio"]),
+    Case("keep-ratio-nan", setter(keep_ratio=NAN), ValueError, ["keep_ratio"]),
+    Case("keep-ratio-inf", setter(keep_ratio=INF), ValueError, ["keep_ratio"]),
+    Case("min-keep-zero", setter(min_keep=0), ValueError, ["min_keep", ">= 1"]),
+    Case("min-keep-negative", setter(min_keep=-3), ValueError, ["min_keep"]),
+    Case("merge-weight-zero", setter(merge_weight=0.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-negative", setter(merge_weight=-1.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-inf", setter(merge_weight=INF), ValueError, ["merge_weight"]),
+    Case("merge-weight-nan", setter(merge_weight=NAN), ValueError, ["merge_weight"]),
+    Case("mixed-devices", tensor_setter("anchors", lambda t: t.to("meta")), ValueError, ["tokens", "anchors", "meta"]),
+    Case("int-tokens", lambda a: a.update(tokens=a["tokens"].int(), anchors=a["anchors"].int()), TypeError,
+         ["tokens"] + DTYPE_WORDS),
+    Case("int64-tokens", lambda a: a.update(tokens=a["tokens"].long(), anchors=a["anchors"].long()), TypeError,
+         ["tokens"] + DTYPE_WORDS),
+    Case("bool-tokens", lambda a: a.update(tokens=a["tokens"] > 0, anchors=a["anchors"] > 0), TypeError, ["tokens"]),
+    Case("complex-tokens", lambda a: a.update(tokens=a["tokens"].to(torch.complex64),
+                                              anchors=a["anchors"].to(torch.complex64)), TypeError,
+         ["tokens"] + DTYPE_WORDS),
+    Case("int-anchors", tensor_setter("anchors", lambda t: t.int()), TypeError, ["anchors"] + DTYPE_WORDS),
+    Case("anchors-dtype-differs", tensor_setter("anchors", lambda t: t.bfloat16()), TypeError,
+         ["anchors dtype", "tokens dtype"]),
+]
+
+
+def call_reduce_api(args, backend):
+    return g2tr.reduce(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"], args["keep_ratio"],
+                       args["min_keep"], args["merge_weight"], backend=backend)
+
+
+def call_reduce_op(args):
+    return torch.ops.g2tr.reduce(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"],
+                                 args["keep_ratio"], args["min_keep"], args["merge_weight"])
+
+
+# ---------------------------------------------------------------------------- anchor_scores
+
+# anchor_scores shares reduce's geometry and tensor checks; it has no ratio or weight.
+SCORE_CASES = [c for c in REDUCE_CASES if not c.id.startswith(("keep-ratio", "min-keep", "merge-weight"))]
+
+
+def call_scores_api(args, backend):
+    return g2tr.anchor_scores(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"], backend=backend)
+
+
+def call_scores_op(args):
+    return torch.ops.g2tr.anchor_scores(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"])
+
+
+# ---------------------------------------------------------------------------- balanced_topk
+
+def topk_args() -> Dict:
+    gen = torch.Generator().manual_seed(1)
+    return dict(scores=torch.randn(10, generator=gen), cells=torch.randint(0, 2, (10,), generator=gen),
+                lengths=[4, 6], budgets=[2, 3], cell_counts=[2, 2], quota=[1, 1])
+
+
+TOPK_CASES = [
+    Case("budget-above-length", setter(budgets=[5, 3]), ValueError, ["budgets[0]", "image 0", "[1, 4]"]),
+    Case("budget-zero", setter(budgets=[2, 0]), ValueError, ["budgets[1]", "image 1"]),
+    Case("budgets-count", setter(budgets=[2]), ValueError, ["budgets", "1", "2 images"]),
+    Case("cell-counts-zero", setter(cell_counts=[2, 0]), ValueError, ["cell_counts[1]", "image 1"]),
+    Case("cell-counts-negative", setter(cell_counts=[-1, 2]), ValueError, ["cell_counts[0]", "image 0"]),
+    Case("cell-counts-count", setter(cell_counts=[2, 2, 2]), ValueError, ["cell_counts", "3", "2 images"]),
+    Case("quota-zero", setter(quota=[0, 1]), ValueError, ["cell_quotas[0]", "image 0"]),
+    Case("quota-negative", setter(quota=[1, -2]), ValueError, ["cell_quotas[1]", "image 1"]),
+    Case("quota-count", setter(quota=[1]), ValueError, ["cell_quotas", "2 images"]),
+    Case("lengths-do-not-sum", setter(lengths=[4, 5]), ValueError, ["lengths sum", "9", "10"]),
+    Case("length-zero", setter(lengths=[10, 0], budgets=[2, 1]), ValueError, ["lengths[1]", "image 1"]),
+    Case("lengths-tensor", setter(lengths=torch.tensor([4, 6])), TypeError, ["lengths", "tensor"],
+         ops_error=RuntimeError, ops_fragments=["lengths"]),
+    Case("scores-fp16", tensor_setter("scores", lambda t: t.half()), TypeError, ["scores", "float32"]),
+    Case("scores-2d", tensor_setter("scores", lambda t: t[None]), TypeError, ["scores", "1-D"]),
+    Case("scores-int", tensor_setter("scores", lambda t: t.int()), TypeError, ["scores"]),
+    Case("cells-int32", tensor_setter("cells", lambda t: t.int()), TypeError, ["cells", "int64"]),
+    Case("cells-float", tensor_setter("cells", lambda t: t.float()), TypeError, ["cells", "int64"]),
+    Case("cells-2d", tensor_setter("cells", lambda t: t[None]), TypeError, ["cells", "1-D"]),
+    Case("cells-length", tensor_setter("cells", lambda t: t[:9]), ValueError, ["cells", "9"]),
+    Case("mixed-devices", tensor_setter("cells", lambda t: t.to("meta")), ValueError, ["scores", "cells", "meta"]),
+]
+
+
+def call_topk_api(args, backend):
+    return g2tr.balanced_topk(args["scores"], args["cells"], args["lengths"], args["budgets"], args["cell_counts"],
+                              args["quota"], backend=backend)
+
+
+def call_topk_op(args):
+    return torch.ops.g2tr.balanced_topk(args["scores"], args["cells"], args["lengths"], args["budgets"],
+                                        args["cell_counts"], args["quota"])
+
+
+# ---------------------------------------------------------------------------- merge
+
+def merge_args() -> Dict:
+    gen = torch.Generator().manual_seed(2)
+    return dict(tokens=torch.randn(10, 4, generator=gen), keep_idx=torch.tensor([1, 3, 4, 6, 9]), lengths=[4, 6],
+                budgets=[2, 3], merge_weight=1.0)
+
+
+def keep(values):
+    return setter(keep_idx=torch.tensor(values))
+
+
+MERGE_CASES = [
+    Case("keep-not-ascending", keep([3, 1, 4, 6, 9]), ValueError, ["keep_idx", "image 0", "ascending"],
+         reads_data=True),
+    Case("keep-repeated", keep([1, 3, 4, 6, 6]), ValueError, ["keep_idx", "image 1", "ascending"], reads_data=True),
+    Case("keep-in-next-image", keep([1, 5, 4, 6, 9]), ValueError, ["keep_idx", "image 0"], reads_data=True),
+    Case("keep-in-previous-image", keep([1, 3, 2, 6, 9]), ValueError, ["keep_idx", "image 1"], reads_data=True),
+    Case("keep-negative", keep([-1, 3, 4, 6, 9]), ValueError, ["keep_idx", "image 0"], reads_data=True),
+    Case("keep-past-the-end", keep([1, 3, 4, 6, 10]), ValueError, ["keep_idx", "image 1"], reads_data=True),
+    Case("keep-count", keep([1, 3, 4, 6]), ValueError, ["keep_idx", "4", "5"]),
+    Case("keep-int32", tensor_setter("keep_idx", lambda t: t.int()), TypeError, ["keep_idx", "int64"]),
+    Case("keep-2d", tensor_setter("keep_idx", lambda t: t[None]), TypeError, ["keep_idx", "1-D"]),
+    Case("tokens-int", tensor_setter("tokens", lambda t: t.int()), TypeError, ["tokens"] + DTYPE_WORDS),
+    Case("tokens-complex", tensor_setter("tokens", lambda t: t.to(torch.complex64)), TypeError, ["tokens"]),
+    Case("tokens-1d", tensor_setter("tokens", lambda t: t.reshape(-1)), ValueError, ["tokens", "2-D"]),
+    Case("merge-weight-zero", setter(merge_weight=0.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-negative", setter(merge_weight=-2.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-inf", setter(merge_weight=INF), ValueError, ["merge_weight"]),
+    Case("budget-above-length", setter(budgets=[5, 3]), ValueError, ["budgets[0]", "image 0"]),
+    Case("budget-zero", setter(budgets=[0, 3]), ValueError, ["budgets[0]", "image 0"]),
+    Case("lengths-do-not-sum", setter(lengths=[4, 7]), ValueError, ["lengths sum", "11", "10"]),
+    Case("length-negative", setter(lengths=[-4, 14]), ValueError, ["lengths[0]", "image 0"]),
+    Case("mixed-devices", tensor_setter("keep_idx", lambda t: t.to("meta")), ValueError,
+         ["tokens", "keep_idx", "meta"]),
+]
+
+
+def call_merge_api(args, backend):
+    return g2tr.merge(args["tokens"], args["keep_idx"], args["lengths"], args["budgets"], args["merge_weight"],
+                      backend=backend)
+
+
+def call_merge_op(args):
+    return torch.ops.g2tr.merge(args["tokens"], args["keep_idx"], args["lengths"], args["budgets"],
+                                args["merge_weight"])
+
+
+# ---------------------------------------------------------------------------- the tests
+
+OPS = {
+    "reduce": (reduce_args, REDUCE_CASES, call_reduce_api, call_reduce_op),
+    "anchor_scores": (reduce_args, SCORE_CASES, call_scores_api, call_scores_op),
+    "balanced_topk": (topk_args, TOPK_CASES, call_topk_api, call_topk_op),
+    "merge": (merge_args, MERGE_CASES, call_merge_api, call_merge_op),
+}
+
+
+def all_cases(keep=lambda case: True):
+    return [pytest.param(op, case, id=f"{op}-{case.id}") for op, (_, cases, _, _) in OPS.items() for case in cases
+            if keep(case)]
+
+
+def bad_args(op, case):
+    args = OPS[op][0]()
+    case.changes(args)
+    return args
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_valid_arguments_pass(op):
+    # The base arguments every case edits must themselves be fine, or a case proves nothing.
+    make, _, api, call_op = OPS[op]
+    for backend in PY_BACKENDS:
+        api(make(), backend)
+    call_op(make())
+
+
+@pytest.mark.parametrize("backend", PY_BACKENDS)
+@pytest.mark.parametrize("op,case", all_cases())
+def test_python_api(op, case, backend):
+    with pytest.raises(case.error) as info:
+        OPS[op][2](bad_args(op, case), backend)
+    check_message(info.value, case.fragments)
+
+
+@pytest.mark.parametrize("op,case", all_cases(lambda c: not c.python_only))
+def test_torch_ops(op, case):
+    # For "mixed-devices" the meta tensor sends the call to the Meta (fake) kernel, which
+    # must raise rather than hand back uninitialised CPU memory.
+    args = bad_args(op, case)
+    if op == "balanced_topk":
+        args["quota"] = list(args["quota"])
+    with pytest.raises(case.ops_error or case.error) as info:
+        OPS[op][3](args)
+    check_message(info.value, case.ops_fragments or case.fragments)
+
+
+def _to_meta(args):
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) and k not in ("grids", "anchor_grids", "lengths") else v
+            for k, v in args.items()}
+
+
+@pytest.mark.parametrize(
+    "op,case", all_cases(lambda c: not c.python_only and not c.reads_data and c.id != "mixed-devices"))
+def test_meta_kernels_reject_the_same_input(op, case):
+    # On meta tensors (and under torch.compile's fake tensors) the fake kernel is all that
+    # runs: it must not accept what the real kernel rejects, or shape inference and
+    # compilation succeed on calls that can never run.
+    args = _to_meta(bad_args(op, case))
+    if op == "balanced_topk":
+        args["quota"] = list(args["quota"])
+    with pytest.raises(case.ops_error or case.error) as info:
+        OPS[op][3](args)
+    check_message(info.value, case.ops_fragments or case.fragments)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_cpu_kernel_rejects_mixed_devices(op):
+    # Through the dispatcher a meta tensor routes the call to the fake kernel, so the C++
+    # device check is reached by redispatching to the CPU key.
+    make, cases, _, _ = OPS[op]
+    case = next(c for c in cases if c.id == "mixed-devices")
+    args = bad_args(op, case)
+    if op == "balanced_topk":
+        args["quota"] = list(args["quota"])
+    overload = getattr(torch.ops.g2tr, op).default
+    names = [a.name for a in overload._schema.arguments]
+    values = [args["quota" if n == "cell_quotas" else n] for n in names]
+    with pytest.raises(ValueError) as info:
+        overload.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *values)
+    check_message(info.value, case.fragments)
+
+
+# ---------------------------------------------------------------------------- other entry points
+
+
+def test_unknown_backend():
+    args = reduce_args()
+    with pytest.raises(ValueError, match="backend"):
+        call_reduce_api(args, "tpu")
+
+
+def test_cuda_backend_on_cpu_tensors():
+    # No silent fallback: asking for CUDA kernels with CPU tensors is an error.
+    with pytest.raises((ValueError, RuntimeError), match="cuda"):
+        call_reduce_api(reduce_args(), "cuda")
+
+
+def test_auto_backend_on_meta_tensors_points_to_reference():
+    args = _to_meta(reduce_args())
+    with pytest.raises(ValueError, match="reference"):
+        call_reduce_api(args, "auto")
+
+
+@pytest.mark.parametrize("backend", PY_BACKENDS)
+def test_check_finite_happens_before_any_kernel(backend):
+    args = reduce_args()
+    args["tokens"][9, 0] = NAN  # image 1 starts at row 8
+    with pytest.raises(ValueError, match=re.escape("tokens of image 1")):
+        g2tr.reduce(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"], check_finite=True,
+                    backend=backend)
+
+
+@pytest.mark.parametrize("backend", PY_BACKENDS)
+def test_quota_window_with_bad_counts(backend):
+    args = topk_args()
+    args.update(cell_counts=[2, 0], quota="window")
+    with pytest.raises(ValueError, match=re.escape("cell_counts[1] (image 1)")):
+        call_topk_api(args, backend)
+
+
+@pytest.mark.parametrize("backend", PY_BACKENDS)
+@pytest.mark.parametrize(
+    "change,error,fragments",
+    [
+        (lambda a: a.update(tokens=a["tokens"].reshape(-1, 8)), ValueError, ["tokens", "3-D"]),
+        (lambda a: a.update(anchors=a["anchors"][:1]), ValueError, ["anchors", "1", "2"]),
+        (lambda a: a.update(anchors=a["anchors"].int()), TypeError, ["anchors"]),
+        (lambda a: a.update(grid=(4, 4)), ValueError, ["N = 12", "32"]),
+        (lambda a: a.update(grid=(0, 6)), ValueError, ["grid", "positive"]),
+        (lambda a: a.update(anchor_grid=[(1, 2), (2, 1)]), ValueError, ["anchor_grid"]),
+    ],
+    ids=["tokens-2d", "anchor-batch", "int-anchors", "grid-size", "grid-zero", "two-anchor-grids"],
+)
+def test_reduce_padded(backend, change, error, fragments):
+    gen = torch.Generator().manual_seed(3)
+    args = dict(tokens=torch.randn(2, 6, 8, generator=gen), anchors=torch.randn(2, 2, 8, generator=gen),
+                grid=(2, 3), anchor_grid=(1, 2))
+    g2tr.reduce_padded(**args, min_keep=1, backend=backend)
+    change(args)
+    with pytest.raises(error) as info:
+        g2tr.reduce_padded(**args, min_keep=1, backend=backend)
+    check_message(info.value, fragments)
+
+
+def test_budgets_checks_its_arguments():
+    with pytest.raises(ValueError, match="keep_ratio"):
+        g2tr.budgets([10], 0.0)
+    with pytest.raises(ValueError, match="min_keep"):
+        g2tr.budgets([10], 0.5, 0)
+    assert math.isclose(g2tr.budgets([10], 0.5, 1)[0], 5)

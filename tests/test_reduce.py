@@ -1,0 +1,493 @@
+"""g2tr_kernels.reduce: kernels against the reference on the SHAPES.md geometries, the
+reference against hand-worked SPEC.md examples, and the edge cases of the op contract."""
+import math
+
+import pytest
+import torch
+
+import g2tr_kernels as g2tr
+from g2tr_kernels import reference
+from helpers import (
+    BACKEND_DEVICE_IDS,
+    BACKEND_DEVICES,
+    DTYPE_IDS,
+    DTYPES,
+    WORKLOADS,
+    assert_bitwise_equal,
+    assert_close_report,
+    assert_outputs_bitwise_equal,
+    assert_reduce_matches,
+    check_structure,
+    kernel_backend,
+    lengths_of,
+    make_ternary_workload,
+    make_workload,
+    spec_budget,
+    spec_cells,
+    spec_selection,
+)
+
+backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+
+
+def t(rows, dtype=torch.float32, device="cpu"):
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------ kernels vs reference
+
+
+@dtypes
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_workloads_match_reference(workload, dtype, device):
+    grids, anchor_grids, d = WORKLOADS[workload]
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=sum(map(ord, workload)), device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=kernel_backend(device))
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name=workload)
+    # Output sizes follow SHAPES.md's K column rule: max(32, round_half_even(N / 2)) per image.
+    expected_k = [spec_budget(n, 0.5, 32) for n in lengths_of(grids)]
+    assert out.merged.shape == (sum(expected_k), d)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.75])
+@pytest.mark.parametrize("anchor_pool", [1, 2, 4])
+def test_keep_ratio_and_anchor_pool_sweep(keep_ratio, anchor_pool, device):
+    # SHAPES.md sweep: BAGEL 37x37 image, patchified 32x32 latent grid pooled by 1, 2 or 4;
+    # pool 1 has more cells than K, so selection is one token per cell there.
+    grids = [(37, 37), (27, 27)]
+    anchor_grids = [(math.ceil(32 / anchor_pool),) * 2, (math.ceil(24 / anchor_pool),) * 2]
+    tokens, anchors = make_workload(grids, anchor_grids, 48, torch.bfloat16, seed=anchor_pool, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 32, backend=kernel_backend(device))
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, keep_ratio, 32)
+
+
+@pytest.mark.parametrize(
+    "workload,dtype",
+    [(w, d) for w in ("S1", "S2") for d in DTYPES] + [("M2", torch.bfloat16)],
+    ids=[f"{w}-{DTYPE_IDS[d]}" for w in ("S1", "S2") for d in DTYPES] + ["M2-bf16"],
+)
+def test_exact_ties_are_bitwise_equal(workload, dtype, device):
+    # Ternary rows make every score and similarity exact and tie-heavy: no rounding can
+    # excuse a difference, so the tie rules themselves must agree bit for bit.
+    grids, anchor_grids, _ = WORKLOADS[workload]
+    tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, dtype, seed=3, device=device)
+    for merge_weight in (1.0, 3.0):
+        got = g2tr.reduce(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight,
+                          backend=kernel_backend(device))
+        want = g2tr.reduce(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight, backend="reference")
+        assert_outputs_bitwise_equal(f"{workload} weight {merge_weight}", got, want)
+
+
+@pytest.mark.parametrize("merge_weight", [0.5, 3.0])
+@dtypes
+def test_merge_weight_matches_reference(merge_weight, dtype, device):
+    grids, anchor_grids = [(16, 16), (12, 20)], [(8, 8), (6, 10)]
+    tokens, anchors = make_workload(grids, anchor_grids, 64, dtype, seed=7, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.25, 8, merge_weight, backend=kernel_backend(device))
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, 0.25, 8, merge_weight)
+
+
+# ------------------------------------------------------------------ hand-worked examples
+
+
+@backend_device
+@pytest.mark.parametrize(
+    "merge_weight,row1",
+    [(1.0, [0.0, 2.0 / 3.0]), (3.0, [0.4, 0.8]), (0.5, [-0.2, 0.6])],
+)
+def test_two_by_two_one_anchor(backend, device, merge_weight, row1):
+    # 2x2 tokens, one anchor [1, 0]. Scores cos = 1, 0, 1/sqrt(2), -1; K = round(4 * 0.5) = 2.
+    # Seed: the only cell's best, token 0. Fill: the best of the rest, token 2.
+    # Token 1 [0, 1]: cos 0 with token 0, 0.707 with token 2 -> row 1.
+    # Token 3 [-1, 0]: cos -1 with token 0, -0.707 with token 2 -> row 1.
+    # Row 1 = (w * [1, 1] + [0, 1] + [-1, 0]) / (w + 2).
+    tokens = t([[1, 0], [0, 1], [1, 1], [-1, 0]], device=device)
+    anchors = t([[1, 0]], device=device)
+    out = g2tr.reduce(tokens, anchors, [(2, 2)], [(1, 1)], 0.5, 1, merge_weight, backend=backend)
+    torch.testing.assert_close(out.scores.cpu(), t([1.0, 0.0, 1 / math.sqrt(2), -1.0]), atol=1e-6, rtol=0)
+    assert out.keep_idx.tolist() == [0, 2]
+    assert out.assign.tolist() == [0, 1, 1, 1]
+    assert out.cu_seqlens.tolist() == [0, 2]
+    torch.testing.assert_close(out.merged.cpu(), t([[1.0, 0.0], row1]), atol=1e-6, rtol=1e-6)
+
+
+@backend_device
+def test_one_seed_per_cell_beats_plain_topk(backend, device):
+    # 2x4 tokens over 1x2 anchors: columns 0-1 -> cell 0 (anchor [1, 0]), 2-3 -> cell 1 ([0, 1]).
+    #   token: 0      1      2      3      4      5      6       7
+    #   cell:  0      0      1      1      0      0      1       1
+    #   score: 1.0    .949   .707   0      .894   0      0       -.707
+    # K = 2: seeds are the best of each cell (0 and 2), not the plain top-2 (0 and 1).
+    tokens = t([[1, 0], [3, 1], [1, 1], [1, 0], [2, 1], [0, 1], [-1, 0], [1, -1]], device=device)
+    anchors = t([[1, 0], [0, 1]], device=device)
+    out = g2tr.reduce(tokens, anchors, [(2, 4)], [(1, 2)], 0.25, 1, backend=backend)
+    assert out.keep_idx.tolist() == [0, 2]
+    # Merge by cosine to kept tokens 0 ([1, 0]) and 2 ([1, 1]):
+    #   1 [3,1] .949 vs .894 -> 0; 3 [1,0] 1 vs .707 -> 0; 4 [2,1] .894 vs .949 -> 1;
+    #   5 [0,1] 0 vs .707 -> 1; 6 [-1,0] -1 vs -.707 -> 1; 7 [1,-1] .707 vs 0 -> 0.
+    assert out.assign.tolist() == [0, 0, 1, 0, 1, 1, 1, 0]
+    torch.testing.assert_close(out.merged.cpu(), t([[1.5, 0.0], [0.5, 0.75]]), atol=1e-6, rtol=1e-6)
+    # K = 4: seeds 0 and 2, then the fill takes 1 (.949) and 4 (.894).
+    out = g2tr.reduce(tokens, anchors, [(2, 4)], [(1, 2)], 0.5, 1, backend=backend)
+    assert out.keep_idx.tolist() == [0, 1, 2, 4]
+    # K = 5: then three tokens tie at score 0 (3, 5, 6): the lowest index, 3, wins.
+    out = g2tr.reduce(tokens, anchors, [(2, 4)], [(1, 2)], 0.625, 1, backend=backend)
+    assert out.keep_idx.tolist() == [0, 1, 2, 3, 4]
+
+
+@backend_device
+def test_cell_ranking_ties_go_to_lower_index(backend, device):
+    # 2x2 tokens, 2x2 anchors all [1, 0]: one token per cell, so every token is a seed
+    # candidate. Tokens 1 and 2 are identical (score .6 exactly tied); token 0 scores .28.
+    tokens = t([[7, 24], [3, 4], [3, 4], [-1, 0]], device=device)
+    anchors = t([[1, 0]] * 4, device=device)
+    out = g2tr.reduce(tokens, anchors, [(2, 2)], [(2, 2)], 0.25, 1, backend=backend)
+    assert out.keep_idx.tolist() == [1]
+    # Everything joins the single kept token: mean of all four rows.
+    torch.testing.assert_close(out.merged.cpu(), t([[3.0, 8.0]]), atol=1e-6, rtol=1e-6)
+    out = g2tr.reduce(tokens, anchors, [(2, 2)], [(2, 2)], 0.5, 1, backend=backend)
+    assert out.keep_idx.tolist() == [1, 2]
+    # Token 0 is closer to 1 and 2 (identical) -> the lower row; token 3 likewise.
+    assert out.assign.tolist() == [0, 0, 1, 0]
+
+
+@backend_device
+def test_two_images_stay_apart(backend, device):
+    # Image 1's tokens are copies of image 0's kept token, yet they merge within image 1
+    # (SPEC.md §4: this project never merges across images), and indices are global.
+    tokens = t([[1, 0], [0, 1], [0, 1], [0, 1],  # image 0, 2x2
+                [1, 0], [1, 0], [-1, 1], [0, -1]], device=device)  # image 1, 2x2
+    anchors = t([[1, 0], [0, -1]], device=device)
+    out = g2tr.reduce(tokens, anchors, [2, 2, 2, 2], [1, 1, 1, 1], 0.25, 1, backend=backend)
+    # Image 0: best vs [1, 0] is token 0. Image 1: best vs [0, -1] is token 7.
+    assert out.keep_idx.tolist() == [0, 7]
+    assert out.cu_seqlens.tolist() == [0, 1, 2]
+    assert out.assign.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    torch.testing.assert_close(out.merged.cpu(), t([[0.25, 0.75], [0.25, 0.0]]), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ budgets and geometry
+
+
+@backend_device
+def test_37x37_rounds_half_to_even(backend, device):
+    # 1369 * 0.5 = 684.5 -> 684 (Python's round), not 685.
+    assert g2tr.budgets([1369], 0.5, 32) == [684]
+    grids, anchor_grids = [(37, 37)] * 2, [(16, 16)] * 2
+    tokens, anchors = make_workload(grids, anchor_grids, 8, seed=1, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.5, 32, backend=backend)
+    assert out.merged.shape == (1368, 8)
+    assert out.keep_idx.shape == (1368,)
+    assert out.cu_seqlens.tolist() == [0, 684, 1368]
+    check_structure(out, grids, [684, 684])
+
+
+@pytest.mark.parametrize(
+    "n,keep_ratio,min_keep,k",
+    [(1369, 0.5, 32, 684), (5, 0.5, 1, 2), (7, 0.5, 1, 4), (4900, 0.5, 32, 2450), (4900, 0.25, 32, 1225),
+     (17, 0.1, 1, 2), (10, 0.05, 1, 1), (10, 0.25, 1, 2), (16, 1.0, 1, 16), (16, 0.5, 32, 16), (100, 0.01, 3, 3)],
+)
+def test_budgets(n, keep_ratio, min_keep, k):
+    assert g2tr.budgets([n], keep_ratio, min_keep) == [k]
+    assert reference.budget(n, keep_ratio, min_keep) == k
+
+
+@backend_device
+def test_budget_sizes_follow_rounding(backend, device):
+    # 1x5 and 1x7 grids: 2.5 -> 2 and 3.5 -> 4 (half to even), read from the output shapes.
+    grids, anchor_grids = [(1, 5), (1, 7)], [(1, 1), (1, 1)]
+    tokens, anchors = make_workload(grids, anchor_grids, 4, seed=2, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.5, 1, backend=backend)
+    assert out.cu_seqlens.tolist() == [0, 2, 6]
+
+
+@pytest.mark.parametrize("grid,anchor_grid", [((8, 8), (32, 32)), ((16, 16), (32, 32)), ((5, 3), (7, 11))])
+def test_anchors_finer_than_vit_grid(grid, anchor_grid, device):
+    # More anchor cells than tokens: each token has a cell of its own (most cells stay
+    # empty), K < #occupied cells, so the selection is exactly the top-K tokens by score.
+    (h, w), (h_a, w_a) = grid, anchor_grid
+    cells = spec_cells(h, w, h_a, w_a)
+    assert len(set(cells)) == h * w
+    tokens, anchors = make_workload([grid], [anchor_grid], 64, seed=4, device=device)
+    for backend in ("reference", kernel_backend(device)):
+        out = g2tr.reduce(tokens, anchors, [grid], [anchor_grid], 0.5, 1, backend=backend)
+        assert_reduce_matches(out, tokens, anchors, [grid], [anchor_grid], 0.5, 1)
+        k = spec_budget(h * w, 0.5, 1)
+        expected = torch.sort(torch.sort(out.scores.cpu(), descending=True, stable=True).indices[:k]).values
+        assert out.keep_idx.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("keep_ratio", [0.05, 0.1, 0.2])
+def test_budget_below_cells_keeps_one_token_per_cell(keep_ratio, device):
+    # 16x16 tokens over 8x8 anchors: 64 cells of 4 tokens. K = 13, 26 or 51 < 64.
+    grids, anchor_grids = [(16, 16)], [(8, 8)]
+    tokens, anchors = make_workload(grids, anchor_grids, 32, seed=5, device=device)
+    cells = spec_cells(16, 16, 8, 8)
+    for backend in ("reference", kernel_backend(device)):
+        out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 1, backend=backend)
+        kept = out.keep_idx.tolist()
+        assert len({cells[i] for i in kept}) == len(kept), "two kept tokens share a cell"
+        assert kept == spec_selection(out.scores.tolist(), cells, len(kept), 64)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.5, 0.75])
+def test_budget_above_cells_covers_every_cell(keep_ratio, device):
+    grids, anchor_grids = [(12, 12)], [(5, 7)]
+    tokens, anchors = make_workload(grids, anchor_grids, 32, seed=6, device=device)
+    cells = spec_cells(12, 12, 5, 7)
+    for backend in ("reference", kernel_backend(device)):
+        out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 1, backend=backend)
+        kept = out.keep_idx.tolist()
+        assert {cells[i] for i in kept} == set(cells), "an anchor cell kept no token"
+        assert kept == spec_selection(out.scores.tolist(), cells, len(kept), 35)
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+@backend_device
+@dtypes
+def test_keep_ratio_one_is_the_identity(backend, device, dtype):
+    grids, anchor_grids = [(9, 7), (4, 4)], [(3, 3), (2, 2)]
+    tokens, anchors = make_workload(grids, anchor_grids, 24, dtype, seed=8, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio=1.0, min_keep=1, backend=backend)
+    assert_bitwise_equal("merged", out.merged, tokens)
+    assert out.keep_idx.tolist() == list(range(79))
+    assert out.assign.tolist() == list(range(79))
+    assert out.cu_seqlens.tolist() == [0, 63, 79]
+
+
+@backend_device
+def test_min_keep_above_n_keeps_everything(backend, device):
+    grids, anchor_grids = [(4, 4), (8, 8)], [(2, 2), (4, 4)]
+    tokens, anchors = make_workload(grids, anchor_grids, 16, seed=9, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=20, backend=backend)
+    # Image 0: min(16, max(20, 8)) = 16, all of it; image 1: max(20, 32) = 32.
+    assert out.cu_seqlens.tolist() == [0, 16, 48]
+    assert out.keep_idx[:16].tolist() == list(range(16))
+    assert_bitwise_equal("merged of the untouched image", out.merged[:16], tokens[:16])
+    assert out.assign[:16].tolist() == list(range(16))
+
+
+@backend_device
+@dtypes
+def test_zero_images(backend, device, dtype):
+    tokens = torch.empty(0, 32, dtype=dtype, device=device)
+    anchors = torch.empty(0, 32, dtype=dtype, device=device)
+    out = g2tr.reduce(tokens, anchors, [], [], backend=backend)
+    assert out.merged.shape == (0, 32) and out.merged.dtype == dtype
+    assert out.keep_idx.shape == (0,) and out.keep_idx.dtype == torch.int64
+    assert out.cu_seqlens.tolist() == [0] and out.cu_seqlens.dtype == torch.int32
+    assert out.scores.shape == (0,) and out.scores.dtype == torch.float32
+    assert out.assign.shape == (0,) and out.assign.dtype == torch.int64
+
+
+@backend_device
+def test_single_token_images(backend, device):
+    grids, anchor_grids = [(1, 1), (1, 1), (2, 1)], [(1, 1), (3, 3), (1, 1)]
+    tokens, anchors = make_workload(grids, anchor_grids, 8, seed=10, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.5, 1, backend=backend)
+    assert out.keep_idx.tolist() == [0, 1, 2 + int(out.scores[3] > out.scores[2])]
+    assert out.cu_seqlens.tolist() == [0, 1, 2, 3]
+    assert_bitwise_equal("merged of 1-token images", out.merged[:2], tokens[:2])
+
+
+@backend_device
+@dtypes
+def test_duplicated_tokens_lower_index_wins(backend, device, dtype):
+    # 8 distinct rows repeated over a 12x12 grid: duplicates in one cell score exactly the
+    # same, so a later copy may be kept only if every earlier copy in its cell is, and a
+    # dropped token whose copies were kept joins the lowest of them.
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(8, 32, generator=gen)
+    tokens = base[torch.randint(0, 8, (144,), generator=gen)].to(dtype).to(device)
+    anchors = torch.randn(9, 32, generator=gen).to(dtype).to(device)
+    cells = spec_cells(12, 12, 3, 3)
+    out = g2tr.reduce(tokens, anchors, [(12, 12)], [(3, 3)], 0.1, 1, backend=backend)
+    kept = set(out.keep_idx.tolist())
+    rows = [tuple(r) for r in tokens.float().cpu().tolist()]
+    for j in kept:
+        for i in range(j):
+            if rows[i] == rows[j] and cells[i] == cells[j]:
+                assert i in kept, f"token {j} kept but its earlier copy {i} in the same cell was not"
+    keep_list = out.keep_idx.tolist()
+    for j in range(144):
+        if j in kept:
+            continue
+        copies = [r for r, k in enumerate(keep_list) if rows[k] == rows[j]]
+        if copies:
+            assert out.assign[j].item() == copies[0], f"token {j} joined row {out.assign[j].item()}, not {copies[0]}"
+
+
+@backend_device
+def test_non_contiguous_inputs_give_the_contiguous_result(backend, device):
+    grids, anchor_grids = [(10, 10), (6, 9)], [(4, 4), (3, 3)]
+    tokens, anchors = make_workload(grids, anchor_grids, 40, torch.bfloat16, seed=12, device=device)
+    want = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=backend)
+    wide = torch.zeros(tokens.shape[0], 80, dtype=tokens.dtype, device=device)
+    wide[:, ::2] = tokens
+    tall = torch.zeros(2 * anchors.shape[0], 40, dtype=anchors.dtype, device=device)
+    tall[1::2] = anchors
+    layouts = {
+        "column-major": (tokens.t().contiguous().t(), anchors.t().contiguous().t()),
+        "strided slices": (wide[:, ::2], tall[1::2]),
+    }
+    for name, (x, a) in layouts.items():
+        assert not x.is_contiguous() and not a.is_contiguous()
+        got = g2tr.reduce(x, a, grids, anchor_grids, backend=backend)
+        if backend == "reference":
+            # PyTorch's own reductions sum in a layout-dependent order, so the oracle is
+            # only equal up to rounding (and near-ties) across layouts.
+            assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, name=name)
+        else:
+            assert_outputs_bitwise_equal(name, got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_deterministic(backend):
+    grids, anchor_grids, d = WORKLOADS["M2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=13)
+    first = g2tr.reduce(tokens, anchors, grids, anchor_grids, merge_weight=0.5, backend=backend)
+    second = g2tr.reduce(tokens.clone(), anchors.clone(), grids, anchor_grids, merge_weight=0.5, backend=backend)
+    assert_outputs_bitwise_equal("second run", second, first)
+
+
+def test_threads_do_not_change_the_result():
+    # The CPU kernels split work over threads; the split must not reach the bits.
+    grids, anchor_grids, d = WORKLOADS["S2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=14)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    many = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend="cpu")
+    assert_outputs_bitwise_equal("threads", many, single)
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+def _poisoned(device):
+    grids, anchor_grids = [(8, 8)] * 3, [(4, 4)] * 3
+    tokens, anchors = make_workload(grids, anchor_grids, 32, seed=15, device=device)
+    tokens[70, 3] = float("nan")  # image 1
+    tokens[150, :] = float("inf")  # image 2
+    tokens[140, 5] = -float("inf")  # image 2
+    anchors[5, 0] = float("nan")  # image 0, cell 5: its four tokens score NaN
+    return tokens, anchors, grids, anchor_grids
+
+
+@pytest.mark.parametrize("keep_ratio", [0.1, 0.5, 1.0])
+def test_non_finite_values_never_crash(keep_ratio, device):
+    tokens, anchors, grids, anchor_grids = _poisoned(device)
+    outs = {}
+    for backend in ("reference", kernel_backend(device)):
+        out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 1, backend=backend)
+        check_structure(out, grids, [spec_budget(64, keep_ratio, 1)] * 3)
+        for row in (70, 140, 150):
+            assert math.isnan(out.scores[row].item())
+        outs[backend] = out
+    assert_reduce_matches(outs[kernel_backend(device)], tokens, anchors, grids, anchor_grids, keep_ratio, 1)
+
+
+@backend_device
+def test_nan_scores_rank_last(backend, device):
+    # One cell; token 1 is NaN. With K = 3 of 4 the NaN token is the one dropped, and as a
+    # dropped token with no finite similarity it joins the first kept row.
+    tokens = t([[1, 0], [float("nan"), 0], [0, 1], [1, 1]], device=device)
+    anchors = t([[1, 0]], device=device)
+    out = g2tr.reduce(tokens, anchors, [(2, 2)], [(1, 1)], 0.75, 1, backend=backend)
+    assert out.keep_idx.tolist() == [0, 2, 3]
+    assert out.assign.tolist() == [0, 0, 1, 2]
+    assert torch.isnan(out.merged[0]).any() and torch.isfinite(out.merged[1:]).all()
+    # K = 4 keeps the NaN token too, as the last one taken.
+    out = g2tr.reduce(tokens, anchors, [(2, 2)], [(1, 1)], 1.0, 1, backend=backend)
+    assert out.keep_idx.tolist() == [0, 1, 2, 3]
+
+
+@backend_device
+@pytest.mark.parametrize(
+    "where,message",
+    [(("tokens", 70), "tokens of image 1"), (("tokens", 150), "tokens of image 2"),
+     (("anchors", 5), "anchors of image 0"), (("anchors", 40), "anchors of image 2")],
+)
+def test_check_finite_names_the_image(backend, device, where, message):
+    grids, anchor_grids = [(8, 8)] * 3, [(4, 4)] * 3
+    tokens, anchors = make_workload(grids, anchor_grids, 16, seed=16, device=device)
+    g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=backend, check_finite=True)
+    target = tokens if where[0] == "tokens" else anchors
+    target[where[1], 2] = float("inf") if where[1] % 2 else float("nan")
+    with pytest.raises(ValueError, match=message):
+        g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=backend, check_finite=True)
+
+
+# ------------------------------------------------------------------ padded form
+
+
+@backend_device
+@dtypes
+def test_reduce_padded_equals_packed(backend, device, dtype):
+    b, (h, w), (h_a, w_a) = 3, (9, 11), (4, 5)
+    tokens, anchors = make_workload([(h, w)] * b, [(h_a, w_a)] * b, 24, dtype, seed=17, device=device)
+    packed = g2tr.reduce(tokens, anchors, [(h, w)] * b, [(h_a, w_a)] * b, 0.5, 4, 2.0, backend=backend)
+    padded = g2tr.reduce_padded(tokens.reshape(b, h * w, 24), anchors.reshape(b, h_a * w_a, 24), (h, w), (h_a, w_a),
+                                0.5, 4, 2.0, backend=backend)
+    k = spec_budget(h * w, 0.5, 4)
+    image = torch.arange(b, device=device)[:, None]
+    assert_bitwise_equal("merged", padded.merged, packed.merged.reshape(b, k, 24))
+    assert_bitwise_equal("keep_idx", padded.keep_idx, packed.keep_idx.reshape(b, k) - image * (h * w))
+    assert_bitwise_equal("assign", padded.assign, packed.assign.reshape(b, h * w) - image * k)
+    assert_bitwise_equal("scores", padded.scores, packed.scores.reshape(b, h * w))
+    assert_bitwise_equal("cu_seqlens", padded.cu_seqlens, packed.cu_seqlens)
+    assert bool((padded.keep_idx >= 0).all() and (padded.keep_idx < h * w).all())
+
+
+def test_reference_agrees_with_its_stages():
+    # reduce is exactly anchor_scores -> balanced_topk(quota 1) -> merge.
+    grids, anchor_grids = [(10, 10), (7, 9)], [(5, 5), (3, 4)]
+    tokens, anchors = make_workload(grids, anchor_grids, 16, seed=18)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.3, 4, 1.5, backend="reference")
+    scores, cells = g2tr.anchor_scores(tokens, anchors, grids, anchor_grids, backend="reference")
+    budgets = g2tr.budgets([100, 63], 0.3, 4)
+    keep = g2tr.balanced_topk(scores, cells, [100, 63], budgets, [25, 12], backend="reference")
+    merged, assign = g2tr.merge(tokens, keep, [100, 63], budgets, 1.5, backend="reference")
+    assert_bitwise_equal("scores", out.scores, scores)
+    assert_bitwise_equal("keep_idx", out.keep_idx, keep)
+    assert_bitwise_equal("merged", out.merged, merged)
+    assert_bitwise_equal("assign", out.assign, assign)
+
+
+def test_cpu_stages_agree_with_fused_cpu_reduce():
+    grids, anchor_grids = [(10, 10), (7, 9)], [(5, 5), (3, 4)]
+    tokens, anchors = make_workload(grids, anchor_grids, 16, torch.bfloat16, seed=19)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.3, 4, 1.5, backend="cpu")
+    scores, cells = g2tr.anchor_scores(tokens, anchors, grids, anchor_grids, backend="cpu")
+    budgets = g2tr.budgets([100, 63], 0.3, 4)
+    keep = g2tr.balanced_topk(scores, cells, [100, 63], budgets, [25, 12], backend="cpu")
+    merged, assign = g2tr.merge(tokens, keep, [100, 63], budgets, 1.5, backend="cpu")
+    assert_bitwise_equal("scores", out.scores, scores)
+    assert_bitwise_equal("keep_idx", out.keep_idx, keep)
+    assert_bitwise_equal("merged", out.merged, merged)
+    assert_bitwise_equal("assign", out.assign, assign)
+
+
+def test_auto_backend_on_cpu_is_the_cpu_kernel():
+    grids, anchor_grids = [(6, 6)], [(3, 3)]
+    tokens, anchors = make_workload(grids, anchor_grids, 8, seed=20)
+    auto = g2tr.reduce(tokens, anchors, grids, anchor_grids)
+    assert_outputs_bitwise_equal("auto", auto, g2tr.reduce(tokens, anchors, grids, anchor_grids, backend="cpu"))
+
+
+def test_scores_match_fp64_cosine():
+    # A check of both backends against fp64 math rather than against each other.
+    grids, anchor_grids = [(16, 16)], [(4, 4)]
+    tokens, anchors = make_workload(grids, anchor_grids, 256, torch.bfloat16, seed=21)
+    cells = torch.tensor(spec_cells(16, 16, 4, 4))
+    x, a = tokens.double(), anchors.double()[cells]
+    want = ((x * a).sum(-1) / (x.norm(dim=-1) * a.norm(dim=-1))).float()
+    for backend in ("reference", "cpu"):
+        out = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=backend)
+        assert_close_report(f"{backend} scores", out.scores, want, atol=1e-5, rtol=0)
