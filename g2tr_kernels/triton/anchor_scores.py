@@ -1,0 +1,150 @@
+"""Stage III score in Triton: one program per block of tokens of one image.
+
+Each token is read once: its dot product with the anchor of its cell and both squared
+norms accumulate in fp32 over D, whatever the input dtype. Besides the score and the
+local cell id, the kernel can write each token's inverse norm (the merge reuses it) and
+fold in the per-cell best: every token atomic_max-es its rank_key (score, then lower
+index; balanced_topk.py) into its cell's slot. Integer max does not depend on the order
+of the atomics, so the result is deterministic.
+
+score = (dot * inv_norm(token)) * inv_norm(anchor), inv_norm(x) = 1 / max(|x|, 1e-12),
+with IEEE sqrt and division (sqrt_rn, div_rn), as in csrc/include/g2tr/common.h.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _checks
+from .balanced_topk import device_table, interpreted, launchable, rank_key
+
+Pairs = Sequence[Tuple[int, int]]
+
+
+@triton.jit
+def inv_norm(sum_of_squares):
+    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), 1e-12))
+
+
+@triton.jit
+def _score_kernel(
+    tokens,  # [N, D]
+    anchors,  # [M, D]
+    table,  # int64 [B, 8]: tok_begin, n, h, w, h_a, w_a, anchor_begin, cell_begin
+    scores,  # fp32 [N] out
+    cells,  # int64 [N] out
+    inv_norms,  # fp32 [N] out (WRITE_NORMS)
+    cell_best,  # int64 [total cells] in/out, starts at int64 min (CELL_BEST)
+    D,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WRITE_NORMS: tl.constexpr,
+    CELL_BEST: tl.constexpr,
+):
+    block = tl.program_id(0)
+    image = tl.program_id(1)
+    row = table + image * 8
+    n = tl.load(row + 1)
+    if block * BLOCK_T >= n:
+        return  # grid dim 0 covers the longest image
+    tok_begin = tl.load(row + 0)
+    h = tl.load(row + 2)
+    w = tl.load(row + 3)
+    h_a = tl.load(row + 4)
+    w_a = tl.load(row + 5)
+    anchor_begin = tl.load(row + 6)
+    cell_begin = tl.load(row + 7)
+
+    local = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = local < n
+    # Integer floor map, clamped to the last cell (SPEC.md §3).
+    a_r = tl.minimum((local // w) * h_a // h, h_a - 1)
+    a_c = tl.minimum((local % w) * w_a // w, w_a - 1)
+    cell = a_r * w_a + a_c
+    token_row = (tok_begin + local).to(tl.int64) * D
+    anchor_row = (anchor_begin + cell).to(tl.int64) * D
+
+    dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+    token_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    anchor_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (d < D)[None, :]
+        t = tl.load(tokens + token_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(anchors + anchor_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(t * a, axis=1)
+        token_sq += tl.sum(t * t, axis=1)
+        anchor_sq += tl.sum(a * a, axis=1)
+    token_inv = inv_norm(token_sq)
+    score = (dot * token_inv) * inv_norm(anchor_sq)
+
+    tl.store(scores + tok_begin + local, score, mask=live)
+    tl.store(cells + tok_begin + local, cell, mask=live)
+    if WRITE_NORMS:
+        tl.store(inv_norms + tok_begin + local, token_inv, mask=live)
+    if CELL_BEST:
+        tl.atomic_max(cell_best + cell_begin + cell, rank_key(score, local), mask=live)
+
+
+def score(
+    tokens: torch.Tensor,
+    anchors: torch.Tensor,
+    grids: Pairs,
+    anchor_grids: Pairs,
+    want_norms: bool = False,
+    want_cell_best: bool = False,
+    op: str = "g2tr.triton_anchor_scores",
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launcher: (scores fp32 [N], cells int64 [N], inv_norms fp32 [N] or None,
+    cell_best int64 [sum(h_a * w_a)] or None). grids / anchor_grids: (h, w) pairs."""
+    tokens, anchors = tokens.contiguous(), anchors.contiguous()
+    n_total, dim = tokens.shape
+    device = tokens.device
+    scores = torch.empty(n_total, dtype=torch.float32, device=device)
+    cells = torch.empty(n_total, dtype=torch.int64, device=device)
+    inv_norms = torch.empty(n_total, dtype=torch.float32, device=device) if want_norms else None
+    num_cells = sum(h * w for h, w in anchor_grids)
+    cell_best = (
+        torch.full((num_cells,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+        if want_cell_best else None
+    )
+    if not grids:
+        return scores, cells, inv_norms, cell_best
+    rows: List[List[int]] = []
+    tok_begin = anchor_begin = 0
+    for (h, w), (h_a, w_a) in zip(grids, anchor_grids):
+        rows.append([tok_begin, h * w, h, w, h_a, w_a, anchor_begin, anchor_begin])
+        tok_begin += h * w
+        anchor_begin += h_a * w_a  # anchors and cells are both packed per image
+    table = device_table(rows, device, tokens)
+    # Two [BLOCK_T, BLOCK_D] fp32 tiles live at once: small on a GPU (registers), large under
+    # the interpreter (it pays per op, not per element).
+    block_t, block_d = (64, 128) if interpreted() else (32, 64)
+    block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
+    grid = (triton.cdiv(max(h * w for h, w in grids), block_t), len(grids))
+    if launchable(tokens, op):
+        # Unused outputs get a one-element stand-in, never an alias of another argument
+        # (torch.compile's functionalization would treat an alias as a second output).
+        wrap_triton(_score_kernel)[grid](
+            tokens, anchors, table, scores, cells,
+            inv_norms if inv_norms is not None else torch.empty(1, dtype=torch.float32, device=device),
+            cell_best if cell_best is not None else torch.empty(1, dtype=torch.int64, device=device),
+            dim, BLOCK_T=block_t, BLOCK_D=block_d,
+            WRITE_NORMS=inv_norms is not None, CELL_BEST=cell_best is not None, num_warps=4,
+        )
+    return scores, cells, inv_norms, cell_best
+
+
+@triton_op("g2tr::triton_anchor_scores", mutates_args=())
+def triton_anchor_scores(
+    tokens: torch.Tensor, anchors: torch.Tensor, grids: List[int], anchor_grids: List[int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.g2tr.triton_anchor_scores: same contract as torch.ops.g2tr.anchor_scores."""
+    op = "g2tr.triton_anchor_scores"
+    grids, anchor_grids = _checks.images(op, tokens, anchors, grids, anchor_grids)
+    scores, cells, _, _ = score(tokens, anchors, grids, anchor_grids, op=op)
+    return scores, cells
