@@ -3,7 +3,7 @@
 G2TR_BUILD_CUDA=auto (default): build the CUDA kernels when torch is a CUDA build and
 nvcc is found (CUDA_HOME); never decided by whether a GPU is present.
 G2TR_BUILD_CUDA=1: require them (fails without nvcc); 0: CPU only.
-TORCH_CUDA_ARCH_LIST picks the archs (default "8.0;9.0"). No network is used.
+TORCH_CUDA_ARCH_LIST picks the archs (default "8.0;9.0+PTX"). No network is used.
 """
 import glob
 import os
@@ -54,7 +54,8 @@ def extension():
             "g2tr_kernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # sm_80 and sm_90 machine code, plus sm_90 PTX so newer GPUs can JIT it.
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     cuda_include = []
     try:  # the pip CUDA headers (cublas_v2.h, cusparse.h) that ATen/cuda/CUDAContext.h pulls in

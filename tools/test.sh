@@ -11,7 +11,7 @@ bash tools/setup.sh
 PY="$VENV/bin/python"
 
 if "$PY" -c "import g2tr_kernels, sys; sys.exit('cuda' not in g2tr_kernels.build_info()['backends'])"; then
-  "$PY" tools/ptxas_report.py build/pip-build.log --out build/ptxas_report.md
+  "$PY" tools/ptxas_report.py build/pip-build.log --out build/ptxas_report.md --so "g2tr_kernels/_C*.so"
 fi
 
 run_pytest() {

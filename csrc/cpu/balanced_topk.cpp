@@ -56,31 +56,11 @@ void select_tokens(const float* scores, const int64_t* cells, const Images& im, 
 
 namespace {
 
-constexpr int64_t kMaxCellsPerImage = int64_t{1} << 26;
-
 at::Tensor balanced_topk_cpu(const at::Tensor& scores_in, const at::Tensor& cells_in, c10::IntArrayRef lengths,
                              c10::IntArrayRef budgets, c10::IntArrayRef cell_counts,
                              c10::IntArrayRef cell_quotas) {
-  const char* op = "g2tr.balanced_topk";
-  TORCH_CHECK_TYPE(scores_in.dim() == 1 && scores_in.scalar_type() == at::kFloat, op,
-              ": scores must be a 1-D float32 tensor, got ", scores_in.scalar_type(), " of shape ", scores_in.sizes());
-  TORCH_CHECK_TYPE(cells_in.dim() == 1 && cells_in.scalar_type() == at::kLong, op,
-              ": cells must be a 1-D int64 tensor, got ", cells_in.scalar_type(), " of shape ", cells_in.sizes());
-  TORCH_CHECK_VALUE(cells_in.size(0) == scores_in.size(0), op, ": cells has ", cells_in.size(0),
-              " entries but scores has ", scores_in.size(0));
-  check_same_device(op, "scores", scores_in, "cells", cells_in);
-  Images im = images_from_lengths(op, lengths, scores_in.size(0));
-  set_budgets(op, im, budgets);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(cell_counts.size()) == im.count(), op, ": cell_counts has ",
-              cell_counts.size(), " entries but there are ", im.count(), " images");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(cell_quotas.size()) == im.count(), op, ": cell_quotas has ",
-              cell_quotas.size(), " entries but there are ", im.count(), " images");
-  for (int64_t b = 0; b < im.count(); ++b) {
-    TORCH_CHECK_VALUE(cell_counts[b] >= 1 && cell_counts[b] <= kMaxCellsPerImage, op, ": cell_counts[", b, "] (image ",
-                b, ") must be in [1, 2^26], got ", cell_counts[b]);
-    TORCH_CHECK_VALUE(cell_quotas[b] >= 1, op, ": cell_quotas[", b, "] (image ", b, ") must be >= 1, got ",
-                cell_quotas[b]);
-  }
+  const Images im = check_balanced_topk("g2tr.balanced_topk", scores_in, cells_in, lengths, budgets, cell_counts,
+                                        cell_quotas);
   const at::Tensor scores = scores_in.contiguous(), cells = cells_in.contiguous();
   auto keep_idx = at::empty({im.kept_begin.back()}, cells.options());
   select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts.data(),

@@ -173,17 +173,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& tokens_in, const at::Tensor& keep_idx_in,
                                              c10::IntArrayRef lengths, c10::IntArrayRef budgets,
                                              double merge_weight) {
-  const char* op = "g2tr.merge";
-  check_float_tensor(op, "tokens", tokens_in, 2);
-  TORCH_CHECK_TYPE(keep_idx_in.dim() == 1 && keep_idx_in.scalar_type() == at::kLong, op,
-              ": keep_idx must be a 1-D int64 tensor, got ", keep_idx_in.scalar_type(), " of shape ",
-              keep_idx_in.sizes());
-  check_same_device(op, "tokens", tokens_in, "keep_idx", keep_idx_in);
-  check_merge_weight(op, merge_weight);
-  Images im = images_from_lengths(op, lengths, tokens_in.size(0));
-  set_budgets(op, im, budgets);
-  TORCH_CHECK_VALUE(keep_idx_in.size(0) == im.kept_begin.back(), op, ": keep_idx has ", keep_idx_in.size(0),
-              " entries but budgets sum to ", im.kept_begin.back());
+  const Images im = check_merge("g2tr.merge", tokens_in, keep_idx_in, lengths, budgets, merge_weight);
   const at::Tensor tokens = tokens_in.contiguous(), keep_idx = keep_idx_in.contiguous();
   auto merged = at::empty({im.kept_begin.back(), tokens.size(1)}, tokens.options());
   auto assign = at::empty({tokens.size(0)}, keep_idx.options());

@@ -12,9 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cp
     const at::Tensor& tokens_in, const at::Tensor& anchors_in, c10::IntArrayRef grids,
     c10::IntArrayRef anchor_grids, double keep_ratio, int64_t min_keep, double merge_weight) {
   const char* op = "g2tr.reduce";
-  Images im = check_images(op, tokens_in, anchors_in, grids, anchor_grids);
-  set_budgets(op, im, keep_ratio, min_keep);
-  check_merge_weight(op, merge_weight);
+  const Images im = check_reduce(op, tokens_in, anchors_in, grids, anchor_grids, keep_ratio, min_keep, merge_weight);
   const at::Tensor tokens = tokens_in.contiguous(), anchors = anchors_in.contiguous();
   const int64_t n = tokens.size(0), dim = tokens.size(1), k = im.kept_begin.back();
   auto scores = at::empty({n}, tokens.options().dtype(at::kFloat));

@@ -131,4 +131,57 @@ inline Images images_from_lengths(const char* op, c10::IntArrayRef lengths, int6
   return im;
 }
 
+// balanced_topk(scores, cells, lengths, budgets, cell_counts, cell_quotas): checks and images.
+constexpr int64_t kMaxCellsPerImage = int64_t{1} << 26;
+inline Images check_balanced_topk(const char* op, const at::Tensor& scores, const at::Tensor& cells,
+                                  c10::IntArrayRef lengths, c10::IntArrayRef budgets,
+                                  c10::IntArrayRef cell_counts, c10::IntArrayRef cell_quotas) {
+  TORCH_CHECK_TYPE(scores.dim() == 1 && scores.scalar_type() == at::kFloat, op,
+                   ": scores must be a 1-D float32 tensor, got ", scores.scalar_type(), " of shape ", scores.sizes());
+  TORCH_CHECK_TYPE(cells.dim() == 1 && cells.scalar_type() == at::kLong, op,
+                   ": cells must be a 1-D int64 tensor, got ", cells.scalar_type(), " of shape ", cells.sizes());
+  TORCH_CHECK_VALUE(cells.size(0) == scores.size(0), op, ": cells has ", cells.size(0), " entries but scores has ",
+                    scores.size(0));
+  check_same_device(op, "scores", scores, "cells", cells);
+  Images im = images_from_lengths(op, lengths, scores.size(0));
+  set_budgets(op, im, budgets);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(cell_counts.size()) == im.count(), op, ": cell_counts has ",
+                    cell_counts.size(), " entries but there are ", im.count(), " images");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(cell_quotas.size()) == im.count(), op, ": cell_quotas has ",
+                    cell_quotas.size(), " entries but there are ", im.count(), " images");
+  for (int64_t b = 0; b < im.count(); ++b) {
+    TORCH_CHECK_VALUE(cell_counts[b] >= 1 && cell_counts[b] <= kMaxCellsPerImage, op, ": cell_counts[", b,
+                      "] (image ", b, ") must be in [1, 2^26], got ", cell_counts[b]);
+    TORCH_CHECK_VALUE(cell_quotas[b] >= 1, op, ": cell_quotas[", b, "] (image ", b, ") must be >= 1, got ",
+                      cell_quotas[b]);
+  }
+  return im;
+}
+
+// merge(tokens, keep_idx, lengths, budgets, merge_weight): checks and images. The values
+// of keep_idx are checked by the kernels that can read them without a sync.
+inline Images check_merge(const char* op, const at::Tensor& tokens, const at::Tensor& keep_idx,
+                          c10::IntArrayRef lengths, c10::IntArrayRef budgets, double merge_weight) {
+  check_float_tensor(op, "tokens", tokens, 2);
+  TORCH_CHECK_TYPE(keep_idx.dim() == 1 && keep_idx.scalar_type() == at::kLong, op,
+                   ": keep_idx must be a 1-D int64 tensor, got ", keep_idx.scalar_type(), " of shape ",
+                   keep_idx.sizes());
+  check_same_device(op, "tokens", tokens, "keep_idx", keep_idx);
+  check_merge_weight(op, merge_weight);
+  Images im = images_from_lengths(op, lengths, tokens.size(0));
+  set_budgets(op, im, budgets);
+  TORCH_CHECK_VALUE(keep_idx.size(0) == im.kept_begin.back(), op, ": keep_idx has ", keep_idx.size(0),
+                    " entries but budgets sum to ", im.kept_begin.back());
+  return im;
+}
+
+// reduce(tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, merge_weight).
+inline Images check_reduce(const char* op, const at::Tensor& tokens, const at::Tensor& anchors, c10::IntArrayRef grids,
+                           c10::IntArrayRef anchor_grids, double keep_ratio, int64_t min_keep, double merge_weight) {
+  Images im = check_images(op, tokens, anchors, grids, anchor_grids);
+  set_budgets(op, im, keep_ratio, min_keep);
+  check_merge_weight(op, merge_weight);
+  return im;
+}
+
 }  // namespace g2tr

@@ -1,0 +1,401 @@
+"""The CUDA kernels of torch.ops.g2tr (csrc/cuda): against the CPU kernels and the reference on
+the edge cases, the op contract on CUDA (opcheck, torch.compile, CUDA graphs, streams, a second
+device), and what must hold for bad input (a clear error before any launch, or, for an invalid
+keep_idx, no out-of-bounds access).
+
+Scores and merge similarities are fp32 sums taken in another order than on the CPU, so where two
+candidates sit within rounding of each other the helpers accept either (see helpers.py); the
+selection itself is exact given the scores, so balanced_topk is compared bit for bit.
+
+Everything here needs a GPU and a build with the CUDA kernels, except the dispatch-table test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import g2tr_kernels as g2tr
+from g2tr_kernels import _native
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    WORKLOADS,
+    assert_bitwise_equal,
+    assert_close_report,
+    assert_merge_matches,
+    assert_outputs_bitwise_equal,
+    assert_reduce_matches,
+    lengths_of,
+    make_ternary_workload,
+    make_workload,
+    offsets,
+    spec_budget,
+)
+
+OPS = ("anchor_scores", "balanced_topk", "merge", "reduce")
+SELECT_MAX_TOKENS = 8192  # kSelectMaxTokens in csrc/cuda/kernels/balanced_topk.cuh
+
+
+def _cuda_build() -> bool:
+    return _native.loaded() and "cuda" in g2tr.build_info()["backends"]
+
+
+def _why_no_cuda():
+    if not torch.cuda.is_available():
+        return "no CUDA device here (torch.cuda.is_available() is False)"
+    if not _cuda_build():
+        return "this build of g2tr_kernels has no CUDA kernels (build with G2TR_BUILD_CUDA=1)"
+    return None
+
+
+needs_cuda = pytest.mark.skipif(_why_no_cuda() is not None, reason=str(_why_no_cuda()))
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+
+
+def reduce_op(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=32, merge_weight=1.0):
+    flat = lambda pairs: [v for p in pairs for v in p]  # noqa: E731
+    return g2tr.ReduceOutput(*torch.ops.g2tr.reduce(
+        tokens, anchors, flat(grids), flat(anchor_grids), keep_ratio, min_keep, merge_weight))
+
+
+def to_cpu(out):
+    return g2tr.ReduceOutput(*(t.cpu() for t in out))
+
+
+# ------------------------------------------------------------------ registration (no GPU needed)
+
+
+@pytest.mark.skipif(not (_native.loaded() and _cuda_build()), reason="this build has no CUDA kernels")
+def test_every_op_has_a_cuda_kernel():
+    # One owner per (op, key): the C++ files register CUDA for all four ops, and nothing in
+    # Python overrides them (a Python registration would replace the C++ one in silence).
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"g2tr::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"g2tr::{op}", "CPU"), op
+
+
+# ------------------------------------------------------------------ against the reference and the CPU
+
+
+@needs_cuda
+@dtypes
+@pytest.mark.parametrize("workload", ["S1", "M2"])
+def test_reduce_matches_reference_and_cpu(workload, dtype):
+    grids, anchor_grids, d = WORKLOADS[workload]
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=7)
+    out = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids)
+    assert out.merged.device.type == "cuda"
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name=f"{workload} cuda")
+    # The selection of the CUDA scores equals the CPU kernel's selection of the same scores.
+    lengths = lengths_of(grids)
+    budgets = [spec_budget(n, 0.5, 32) for n in lengths]
+    cells = torch.ops.g2tr.anchor_scores(tokens, anchors, [v for p in grids for v in p],
+                                         [v for p in anchor_grids for v in p])[1]
+    cpu_keep = torch.ops.g2tr.balanced_topk(out.scores.cpu(), cells, lengths, budgets,
+                                            [h * w for h, w in anchor_grids], [1] * len(lengths))
+    assert_bitwise_equal("keep_idx vs CPU selection of the CUDA scores", out.keep_idx.cpu(), cpu_keep)
+
+
+@needs_cuda
+@dtypes
+@pytest.mark.parametrize("workload", ["S1", "M2"])
+def test_exact_ties_equal_cpu_bit_for_bit(workload, dtype):
+    # Ternary rows: every score, similarity and sum is exact in any order, so the tie rules
+    # (lower index everywhere) and the merged means must agree with the CPU exactly.
+    grids, anchor_grids, _ = WORKLOADS[workload]
+    tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, dtype, seed=5)
+    for merge_weight in (1.0, 0.3):
+        got = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids, merge_weight=merge_weight)
+        want = reduce_op(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
+        assert_outputs_bitwise_equal(f"{workload} weight {merge_weight}", to_cpu(got), want)
+
+
+def _select_case(lengths, seed):
+    """Scores full of ties, NaN, +-0 and infinities; cells with out-of-range ids."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    scores = torch.randint(-4, 5, (n,), generator=gen).float() / 4
+    special = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), float("-inf")])
+    pick = torch.rand(n, generator=gen) < 0.1
+    scores[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=gen)]
+    cells = torch.randint(-2, 40, (n,), generator=gen)
+    return scores, cells
+
+
+@needs_cuda
+@pytest.mark.parametrize("lengths", [[1], [5, 300], [2048, 2049], [SELECT_MAX_TOKENS]], ids=str)
+@pytest.mark.parametrize("quota", [1, 3])
+def test_balanced_topk_equals_cpu_bit_for_bit(lengths, quota):
+    # Both block configurations (<= 2048 tokens and larger), padding, one-token images.
+    scores, cells = _select_case(lengths, seed=sum(lengths) + quota)
+    budgets = [max(1, n // 3) for n in lengths]
+    cell_counts = [37] * len(lengths)
+    quotas = [quota] * len(lengths)
+    want = torch.ops.g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
+    got = torch.ops.g2tr.balanced_topk(scores.cuda(), cells.cuda(), lengths, budgets, cell_counts, quotas)
+    assert_bitwise_equal("keep_idx", got.cpu(), want)
+
+
+@needs_cuda
+def test_balanced_topk_more_than_64_images():
+    # A batch over the per-launch image table (64 images) runs one launch per 64 images.
+    lengths = [3 + (b % 11) for b in range(150)]
+    scores, cells = _select_case(lengths, seed=11)
+    budgets = [max(1, n // 2) for n in lengths]
+    args = (lengths, budgets, [5] * len(lengths), [1] * len(lengths))
+    want = torch.ops.g2tr.balanced_topk(scores, cells, *args)
+    got = torch.ops.g2tr.balanced_topk(scores.cuda(), cells.cuda(), *args)
+    assert_bitwise_equal("keep_idx", got.cpu(), want)
+
+
+@needs_cuda
+@dtypes
+@pytest.mark.parametrize("dim", [64, 67, 0], ids=["d64", "d67-unvectorised", "d0"])
+def test_anchor_scores_close_to_cpu(dtype, dim):
+    grids, anchor_grids = [(5, 7), (16, 16)], [(2, 3), (8, 8)]
+    tokens, anchors = make_workload(grids, anchor_grids, dim, dtype, seed=dim) if dim else (
+        torch.zeros(35 + 256, 0, dtype=dtype), torch.zeros(6 + 64, 0, dtype=dtype))
+    flat_g, flat_a = [v for p in grids for v in p], [v for p in anchor_grids for v in p]
+    want_s, want_c = torch.ops.g2tr.anchor_scores(tokens, anchors, flat_g, flat_a)
+    got_s, got_c = torch.ops.g2tr.anchor_scores(tokens.cuda(), anchors.cuda(), flat_g, flat_a)
+    assert_bitwise_equal("cells", got_c.cpu(), want_c)
+    assert_close_report("scores", got_s.cpu(), want_s, atol=3e-5, rtol=0)
+
+
+@needs_cuda
+@dtypes
+def test_misaligned_and_strided_inputs(dtype):
+    # A storage offset of one element breaks 16-byte alignment (the element-wise paths run);
+    # a column slice is not contiguous (the op copies it).
+    grids, anchor_grids, d = [(9, 9)], [(4, 4)], 64
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=3)
+    flat = torch.empty(tokens.numel() + 1, dtype=dtype, device="cuda")
+    flat[1:].copy_(tokens.reshape(-1).cuda())
+    misaligned = flat[1:].view(tokens.shape)
+    wide = torch.zeros(tokens.shape[0], d + 3, dtype=dtype, device="cuda")
+    wide[:, 1 : d + 1] = tokens.cuda()
+    strided = wide[:, 1 : d + 1]
+    want = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids)
+    for name, t in (("misaligned", misaligned), ("strided", strided)):
+        got = reduce_op(t, anchors.cuda(), grids, anchor_grids)
+        assert_outputs_bitwise_equal(name, to_cpu(got), to_cpu(want))
+
+
+@needs_cuda
+@dtypes
+@pytest.mark.parametrize("case", ["keep_all", "keep_one", "many_images", "odd_dim"])
+def test_merge_edge_cases_against_cpu(dtype, case):
+    gen = torch.Generator().manual_seed(1)
+    if case == "many_images":  # over one launch's 64 images, mixed sizes
+        lengths = [1 + (b * 7) % 23 for b in range(70)]
+    else:
+        lengths = [40, 1, 300]
+    d = 67 if case == "odd_dim" else 32
+    tokens = torch.randn(sum(lengths), d, generator=gen).to(dtype)
+    keep, budgets = [], []
+    for b, n in enumerate(lengths):
+        k = n if case == "keep_all" else (1 if case == "keep_one" else max(1, n // 3))
+        local = torch.randperm(n, generator=gen)[:k].sort().values
+        keep.append(local + sum(lengths[:b]))
+        budgets.append(k)
+    keep_idx = torch.cat(keep)
+    want = torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, 1.0)
+    merged, assign = torch.ops.g2tr.merge(tokens.cuda(), keep_idx.cuda(), lengths, budgets, 1.0)
+    assert_merge_matches(case, tokens, keep_idx, merged.cpu(), assign.cpu(), lengths, budgets, 1.0, expected=want)
+
+
+@needs_cuda
+def test_non_finite_tokens_match_cpu():
+    # NaN scores rank last, a NaN similarity never wins, an all-NaN row joins the first kept row.
+    grids, anchor_grids, d = [(8, 8), (6, 5)], [(4, 4), (3, 3)], 32
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.float32, seed=9)
+    tokens[3] = float("nan")
+    tokens[17, 5] = float("inf")
+    tokens[70] = 0.0
+    anchors[2] = float("nan")
+    got = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids)
+    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, name="non-finite")
+
+
+@needs_cuda
+def test_reduce_empty_batch_and_tiny_images():
+    empty = reduce_op(torch.zeros(0, 8, device="cuda"), torch.zeros(0, 8, device="cuda"), [], [])
+    assert empty.merged.shape == (0, 8) and empty.cu_seqlens.tolist() == [0]
+    grids, anchor_grids = [(1, 1), (1, 2), (3, 1)], [(1, 1), (2, 2), (1, 1)]
+    tokens, anchors = make_workload(grids, anchor_grids, 8, torch.bfloat16, seed=2)
+    got = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids, keep_ratio=0.5, min_keep=1)
+    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, 0.5, 1, name="tiny images")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@needs_cuda
+def test_image_over_the_selection_capacity_is_refused_before_launch():
+    grids = [(2, 2), (1, SELECT_MAX_TOKENS + 1)]
+    tokens = torch.randn(4 + SELECT_MAX_TOKENS + 1, 8, device="cuda")
+    anchors = torch.randn(2, 8, device="cuda")
+    with pytest.raises(ValueError, match=rf"g2tr.reduce: image 1 has {SELECT_MAX_TOKENS + 1} tokens"):
+        reduce_op(tokens, anchors, grids, [(1, 1), (1, 1)])
+    scores = torch.randn(SELECT_MAX_TOKENS + 1, device="cuda")
+    cells = torch.zeros(SELECT_MAX_TOKENS + 1, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match=r"g2tr.balanced_topk: image 0 has"):
+        torch.ops.g2tr.balanced_topk(scores, cells, [SELECT_MAX_TOKENS + 1], [10], [1], [1])
+    # The CPU has no such limit.
+    torch.ops.g2tr.balanced_topk(scores.cpu(), cells.cpu(), [SELECT_MAX_TOKENS + 1], [10], [1], [1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_invalid_keep_idx_never_reads_out_of_bounds(dtype):
+    # The CPU raises on these; CUDA cannot look without a sync: the result is unspecified but
+    # every access stays inside the image (no illegal address) and assign stays in its rows.
+    lengths, budgets = [20, 30], [4, 5]
+    tokens = torch.randn(50, 24, device="cuda", dtype=dtype)
+    bad = {
+        "out_of_range": [-7, 3, 99, 10**9, 20, 20, 21, -(10**12), 49],
+        "duplicates": [2, 2, 2, 2, 25, 25, 25, 25, 25],
+        "descending": [19, 10, 5, 0, 49, 40, 30, 25, 20],
+        "other_image": [30, 31, 32, 33, 0, 1, 2, 3, 4],
+    }
+    k_off = offsets(budgets)
+    for name, keep in bad.items():
+        keep_idx = torch.tensor(keep, dtype=torch.int64, device="cuda")
+        merged, assign = torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, 1.0)
+        torch.cuda.synchronize()  # an illegal access would surface here
+        assert merged.shape == (9, 24), name
+        img = torch.repeat_interleave(torch.arange(2), torch.tensor(lengths))
+        lo = torch.tensor(k_off[:-1])[img]
+        hi = torch.tensor(k_off[1:])[img]
+        a = assign.cpu()
+        assert bool(((a >= lo) & (a < hi)).all()), f"{name}: assign leaves its image: {a.tolist()}"
+        with pytest.raises(ValueError, match="keep_idx of image"):
+            torch.ops.g2tr.merge(tokens.cpu(), keep_idx.cpu(), lengths, budgets, 1.0)
+
+
+@needs_cuda
+def test_argument_errors_match_cpu_messages():
+    t = torch.randn(16, 8, device="cuda")
+    a = torch.randn(4, 8, device="cuda")
+    cases = [
+        lambda x, y: torch.ops.g2tr.reduce(x, y, [4, 4], [2, 2], 0.0, 32, 1.0),
+        lambda x, y: torch.ops.g2tr.reduce(x, y, [4, 3], [2, 2], 0.5, 32, 1.0),
+        lambda x, y: torch.ops.g2tr.reduce(x, y[:, :4], [4, 4], [2, 2], 0.5, 32, 1.0),
+        lambda x, y: torch.ops.g2tr.merge(x, torch.arange(3, device=x.device), [16], [4], 1.0),
+        lambda x, y: torch.ops.g2tr.merge(x, torch.arange(4, device=x.device), [16], [4], -1.0),
+    ]
+    for case in cases:
+        with pytest.raises(Exception) as on_cpu:
+            case(t.cpu(), a.cpu())
+        with pytest.raises(type(on_cpu.value)) as on_cuda:
+            case(t, a)
+        assert str(on_cuda.value).splitlines()[0] == str(on_cpu.value).splitlines()[0]
+
+
+# ------------------------------------------------------------------ the op contract on CUDA
+
+
+@needs_cuda
+def test_opcheck_on_cuda():
+    grids, anchor_grids, d = WORKLOADS["S2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=4, device="cuda")
+    flat_g, flat_a = [v for p in grids for v in p], [v for p in anchor_grids for v in p]
+    lengths = lengths_of(grids)
+    budgets = [spec_budget(n, 0.5, 32) for n in lengths]
+    scores, cells = torch.ops.g2tr.anchor_scores(tokens, anchors, flat_g, flat_a)
+    keep_idx = torch.ops.g2tr.balanced_topk(scores, cells, lengths, budgets, [256, 256], [1, 1])
+    cases = [
+        (torch.ops.g2tr.anchor_scores.default, (tokens, anchors, flat_g, flat_a)),
+        (torch.ops.g2tr.balanced_topk.default, (scores, cells, lengths, budgets, [256, 256], [1, 1])),
+        (torch.ops.g2tr.merge.default, (tokens, keep_idx, lengths, budgets, 1.0)),
+        (torch.ops.g2tr.reduce.default, (tokens, anchors, flat_g, flat_a, 0.5, 32, 1.0)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@needs_cuda
+def test_torch_compile_on_cuda():
+    grids, anchor_grids, d = WORKLOADS["M2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=6, device="cuda")
+    flat_g, flat_a = [v for p in grids for v in p], [v for p in anchor_grids for v in p]
+
+    def fn(t, a):
+        return torch.ops.g2tr.reduce(t, a, flat_g, flat_a, 0.5, 32, 1.0)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert_outputs_bitwise_equal("compiled", to_cpu(g2tr.ReduceOutput(*compiled(tokens, anchors))),
+                                 to_cpu(g2tr.ReduceOutput(*fn(tokens, anchors))))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_capture_of_reduce(dtype):
+    # No host sync, no cudaMalloc outside the caching allocator, image tables passed as kernel
+    # arguments: the whole op replays from a graph with new data in the same buffers.
+    grids, anchor_grids, d = WORKLOADS["M2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=0, device="cuda")
+    flat_g, flat_a = [v for p in grids for v in p], [v for p in anchor_grids for v in p]
+    static_t, static_a = tokens.clone(), anchors.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up outside the capture (allocator pools, attributes)
+            torch.ops.g2tr.reduce(static_t, static_a, flat_g, flat_a, 0.5, 32, 1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = torch.ops.g2tr.reduce(static_t, static_a, flat_g, flat_a, 0.5, 32, 1.0)
+    for seed in (1, 2):
+        new_t, new_a = make_workload(grids, anchor_grids, d, dtype, seed=seed, device="cuda")
+        static_t.copy_(new_t)
+        static_a.copy_(new_a)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = torch.ops.g2tr.reduce(new_t, new_a, flat_g, flat_a, 0.5, 32, 1.0)
+        assert_outputs_bitwise_equal(f"replay {seed}", to_cpu(g2tr.ReduceOutput(*static_out)),
+                                     to_cpu(g2tr.ReduceOutput(*eager)))
+
+
+@needs_cuda
+def test_runs_on_the_current_stream():
+    # The input is produced on a side stream behind a long sleep: kernels launched on any other
+    # stream would read it before it is written.
+    grids, anchor_grids, d = WORKLOADS["S2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=8, device="cuda")
+    flat_g, flat_a = [v for p in grids for v in p], [v for p in anchor_grids for v in p]
+    want = torch.ops.g2tr.reduce(tokens, anchors, flat_g, flat_a, 0.5, 32, 1.0)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        late = tokens.clone()
+        got = torch.ops.g2tr.reduce(late, anchors, flat_g, flat_a, 0.5, 32, 1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert_outputs_bitwise_equal("side stream", to_cpu(g2tr.ReduceOutput(*got)), to_cpu(g2tr.ReduceOutput(*want)))
+
+
+@needs_cuda
+def test_deterministic_across_runs():
+    grids, anchor_grids, d = WORKLOADS["M2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=12, device="cuda")
+    first = to_cpu(reduce_op(tokens, anchors, grids, anchor_grids))
+    for _ in range(3):
+        assert_outputs_bitwise_equal("rerun", to_cpu(reduce_op(tokens, anchors, grids, anchor_grids)), first)
+
+
+@needs_cuda
+def test_second_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs a second GPU")
+    grids, anchor_grids, d = WORKLOADS["S2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=13)
+    # Current device stays 0: the op must switch to the tensors' device itself.
+    on_1 = reduce_op(tokens.to("cuda:1"), anchors.to("cuda:1"), grids, anchor_grids)
+    assert all(t.device == torch.device("cuda:1") for t in on_1)
+    assert_reduce_matches(on_1, tokens, anchors, grids, anchor_grids, name="cuda:1")
+    if torch.cuda.get_device_name(0) == torch.cuda.get_device_name(1):
+        on_0 = reduce_op(tokens.to("cuda:0"), anchors.to("cuda:0"), grids, anchor_grids)
+        assert_outputs_bitwise_equal("cuda:1 vs cuda:0", to_cpu(on_1), to_cpu(on_0))
