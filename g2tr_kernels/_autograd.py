@@ -92,6 +92,11 @@ def _backward_anchor_scores(ctx, grad_scores, _cells):
     return grad_v.to(tokens.dtype), grad_a.to(anchors.dtype), None, None
 
 
-torch.library.register_autograd("g2tr::reduce", _backward_reduce, setup_context=_setup_reduce)
-torch.library.register_autograd("g2tr::merge", _backward_merge, setup_context=_setup_merge)
-torch.library.register_autograd("g2tr::anchor_scores", _backward_anchor_scores, setup_context=_setup_anchor_scores)
+def register(prefix: str = "") -> None:
+    """Registers the gradients of g2tr::{prefix}reduce, merge and anchor_scores (the
+    native ops with prefix "", the Triton ops, which share their schemas, with "triton_")."""
+    torch.library.register_autograd(f"g2tr::{prefix}reduce", _backward_reduce, setup_context=_setup_reduce)
+    torch.library.register_autograd(f"g2tr::{prefix}merge", _backward_merge, setup_context=_setup_merge)
+    torch.library.register_autograd(
+        f"g2tr::{prefix}anchor_scores", _backward_anchor_scores, setup_context=_setup_anchor_scores
+    )

@@ -18,6 +18,8 @@ except ImportError as error:  # not built, or built against another torch
 if _C is not None:
     from . import _autograd, _fake  # noqa: F401,E402
 
+    _autograd.register()
+
 
 def loaded() -> bool:
     return _C is not None

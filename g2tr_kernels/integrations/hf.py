@@ -179,15 +179,11 @@ class G2TRHandle:
             sample=self.sample, scale=self.scale_latents,
         )
         anchors = anchors.to(device=features.device, dtype=features.dtype)
-        backend = self.backend
-        if backend == "auto" and features.requires_grad and torch.is_grad_enabled():
-            # The native ops have no backward; the reference path is plain differentiable PyTorch.
-            backend = "reference"
         out = ops.reduce(
             features, anchors, grids, anchor_grids, keep_ratio=self.keep_ratio, min_keep=self.min_keep,
-            merge_weight=self.merge_weight, backend=backend,
+            merge_weight=self.merge_weight, backend=self.backend,
         )
-        kept = [int(b - a) for a, b in zip(out.cu_seqlens.tolist(), out.cu_seqlens.tolist()[1:])]
+        kept = ops.budgets(lengths, self.keep_ratio, self.min_keep)  # host ints: no sync
 
         past_mask = None
         if attention_mask is not None and attention_mask.shape[-1] > input_ids.shape[-1]:
