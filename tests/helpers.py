@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import pytest
 import torch
 
 import g2tr_kernels as g2tr
@@ -372,3 +373,18 @@ BACKEND_DEVICES = [("reference", "cpu"), ("cpu", "cpu")] + (
     [("reference", "cuda"), ("auto", "cuda")] if torch.cuda.is_available() else []
 )
 BACKEND_DEVICE_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
+# The parametrizations the op test files share.
+backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+
+
+def tiny_vae():
+    """A random-weight AutoencoderKL from a config (nothing downloaded); it downsamples by 2."""
+    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=32,
+    ).eval()

@@ -7,22 +7,17 @@ import torch
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
 from helpers import (
-    BACKEND_DEVICE_IDS,
-    BACKEND_DEVICES,
-    DTYPE_IDS,
-    DTYPES,
     SCORE_ATOL,
     WORKLOADS,
     assert_bitwise_equal,
     assert_close_report,
+    backend_device,
+    dtypes,
     global_cells,
     kernel_backend,
     make_workload,
     spec_cells,
 )
-
-backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
-dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import torch
 
 import g2tr_kernels as g2tr
 from g2tr_kernels.anchors import anchors_from_latents, anchors_from_vae, encode_latents, patchify, pool_grid
+from helpers import tiny_vae
 
 
 def identity(x):
@@ -114,17 +115,6 @@ def test_bad_arguments_name_the_problem():
         anchors_from_latents([z, torch.randn(4, 4)], identity)
     with pytest.raises(ValueError, match="returns D"):
         anchors_from_latents(z, identity, dim=8)
-
-
-def tiny_vae():
-    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=32,
-    ).eval()
 
 
 def test_anchors_from_vae_matches_encode_then_anchors_and_feeds_reduce():

@@ -8,7 +8,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from diffusers import AutoencoderKL  # noqa: E402
 from transformers import (  # noqa: E402
     InternVLConfig,
     InternVLForConditionalGeneration,
@@ -20,18 +19,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 import g2tr_kernels as g2tr  # noqa: E402
 from g2tr_kernels.anchors import anchors_from_vae  # noqa: E402
 from g2tr_kernels.integrations.hf import apply_g2tr  # noqa: E402
+from helpers import tiny_vae  # noqa: E402
 
 IMG = 100  # image-context token id
 PAD = 0
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=32,
-    ).eval()
 
 
 def tiny_internvl():
@@ -122,6 +113,17 @@ def reduced_by_hand(model, vae, pixel_values, keep_ratio, pool):
         return g2tr.reduce(feats.reshape(b * n, d), anchors, [(side, side)] * b, anchor_grids, keep_ratio, min_keep=1)
 
 
+def internvl_half():
+    """Tiny InternVL, its VAE and inputs, and what keep_ratio 0.5 (pool 4) must hand the language
+    model, computed by hand: the reduced prompt, its mask and the merged image features."""
+    model, vae = tiny_internvl(), tiny_vae()
+    ids, mask, px = internvl_inputs()
+    expected = reduced_by_hand(model, vae, px, 0.5, pool=4)
+    exp_ids, exp_mask = drop_image_tokens(ids, expected.keep_idx, left=True)
+    features = {"image": BaseModelOutputWithPooling(pooler_output=expected.merged.reshape(3, 8, -1))}
+    return model, vae, (ids, mask, px), (exp_ids, exp_mask, features)
+
+
 def test_internvl_keep_all_equals_the_plain_model():
     model, vae = tiny_internvl(), tiny_vae()
     ids, mask, px = internvl_inputs()
@@ -140,15 +142,9 @@ def test_internvl_keep_all_equals_the_plain_model():
 
 
 def test_internvl_half_forward_sees_k_tokens_and_matches_hand_reduction():
-    model, vae = tiny_internvl(), tiny_vae()
-    ids, mask, px = internvl_inputs()
-    expected = reduced_by_hand(model, vae, px, 0.5, pool=4)
-    exp_ids, exp_mask = drop_image_tokens(ids, expected.keep_idx, left=True)
+    model, vae, (ids, mask, px), (exp_ids, exp_mask, features) = internvl_half()
     with torch.no_grad():
-        ref = model(
-            input_ids=exp_ids, attention_mask=exp_mask,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=expected.merged.reshape(3, 8, -1))},
-        ).logits
+        ref = model(input_ids=exp_ids, attention_mask=exp_mask, mm_encoder_outputs=features).logits
         handle = apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=4)
         seen, hook = language_model_lengths(model)
         out = model(input_ids=ids, pixel_values=px, attention_mask=mask, vae_pixel_values=px).logits
@@ -163,14 +159,10 @@ def test_internvl_half_forward_sees_k_tokens_and_matches_hand_reduction():
 
 
 def test_internvl_half_generate_runs_on_the_short_prompt():
-    model, vae = tiny_internvl(), tiny_vae()
-    ids, mask, px = internvl_inputs()
-    expected = reduced_by_hand(model, vae, px, 0.5, pool=4)
-    exp_ids, exp_mask = drop_image_tokens(ids, expected.keep_idx, left=True)
+    model, vae, (ids, mask, px), (exp_ids, exp_mask, features) = internvl_half()
     with torch.no_grad():
         ref = model.generate(
-            input_ids=exp_ids, attention_mask=exp_mask, max_new_tokens=4, do_sample=False,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=expected.merged.reshape(3, 8, -1))},
+            input_ids=exp_ids, attention_mask=exp_mask, max_new_tokens=4, do_sample=False, mm_encoder_outputs=features
         )
         apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=4)
         seen, hook = language_model_lengths(model)

@@ -5,21 +5,17 @@ import torch
 
 import g2tr_kernels as g2tr
 from helpers import (
-    BACKEND_DEVICE_IDS,
-    BACKEND_DEVICES,
-    DTYPE_IDS,
-    DTYPES,
     MERGED_TOL,
     assert_bitwise_equal,
     assert_close_report,
     assert_merge_matches,
+    backend_device,
+    dtypes,
     kernel_backend,
     merge_from_assign,
     offsets,
 )
 
-backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
-dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 NAN = float("nan")
 
 

@@ -8,8 +8,6 @@ import torch
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
 from helpers import (
-    BACKEND_DEVICE_IDS,
-    BACKEND_DEVICES,
     DTYPE_IDS,
     DTYPES,
     WORKLOADS,
@@ -17,7 +15,9 @@ from helpers import (
     assert_close_report,
     assert_outputs_bitwise_equal,
     assert_reduce_matches,
+    backend_device,
     check_structure,
+    dtypes,
     kernel_backend,
     lengths_of,
     make_ternary_workload,
@@ -26,9 +26,6 @@ from helpers import (
     spec_cells,
     spec_selection,
 )
-
-backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
-dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 
 
 def t(rows, dtype=torch.float32, device="cpu"):
@@ -445,29 +442,17 @@ def test_reduce_padded_equals_packed(backend, device, dtype):
     assert bool((padded.keep_idx >= 0).all() and (padded.keep_idx < h * w).all())
 
 
-def test_reference_agrees_with_its_stages():
-    # reduce is exactly anchor_scores -> balanced_topk(quota 1) -> merge.
+@pytest.mark.parametrize("backend,dtype,seed", [("reference", torch.float32, 18), ("cpu", torch.bfloat16, 19)],
+                         ids=["reference", "cpu"])
+def test_stages_agree_with_fused_reduce(backend, dtype, seed):
+    # reduce is exactly anchor_scores -> balanced_topk(quota 1) -> merge, on each backend.
     grids, anchor_grids = [(10, 10), (7, 9)], [(5, 5), (3, 4)]
-    tokens, anchors = make_workload(grids, anchor_grids, 16, seed=18)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.3, 4, 1.5, backend="reference")
-    scores, cells = g2tr.anchor_scores(tokens, anchors, grids, anchor_grids, backend="reference")
+    tokens, anchors = make_workload(grids, anchor_grids, 16, dtype, seed=seed)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.3, 4, 1.5, backend=backend)
+    scores, cells = g2tr.anchor_scores(tokens, anchors, grids, anchor_grids, backend=backend)
     budgets = g2tr.budgets([100, 63], 0.3, 4)
-    keep = g2tr.balanced_topk(scores, cells, [100, 63], budgets, [25, 12], backend="reference")
-    merged, assign = g2tr.merge(tokens, keep, [100, 63], budgets, 1.5, backend="reference")
-    assert_bitwise_equal("scores", out.scores, scores)
-    assert_bitwise_equal("keep_idx", out.keep_idx, keep)
-    assert_bitwise_equal("merged", out.merged, merged)
-    assert_bitwise_equal("assign", out.assign, assign)
-
-
-def test_cpu_stages_agree_with_fused_cpu_reduce():
-    grids, anchor_grids = [(10, 10), (7, 9)], [(5, 5), (3, 4)]
-    tokens, anchors = make_workload(grids, anchor_grids, 16, torch.bfloat16, seed=19)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.3, 4, 1.5, backend="cpu")
-    scores, cells = g2tr.anchor_scores(tokens, anchors, grids, anchor_grids, backend="cpu")
-    budgets = g2tr.budgets([100, 63], 0.3, 4)
-    keep = g2tr.balanced_topk(scores, cells, [100, 63], budgets, [25, 12], backend="cpu")
-    merged, assign = g2tr.merge(tokens, keep, [100, 63], budgets, 1.5, backend="cpu")
+    keep = g2tr.balanced_topk(scores, cells, [100, 63], budgets, [25, 12], backend=backend)
+    merged, assign = g2tr.merge(tokens, keep, [100, 63], budgets, 1.5, backend=backend)
     assert_bitwise_equal("scores", out.scores, scores)
     assert_bitwise_equal("keep_idx", out.keep_idx, keep)
     assert_bitwise_equal("merged", out.merged, merged)

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .balanced_topk import device_table, interpreted, launchable, rank_key
+from .balanced_topk import image_table, interpreted, launchable, rank_key, starts
 
 Pairs = Sequence[Tuple[int, int]]
 
@@ -114,18 +114,16 @@ def score(
     )
     if not grids:
         return scores, cells, inv_norms, cell_best
-    rows: List[List[int]] = []
-    tok_begin = anchor_begin = 0
-    for (h, w), (h_a, w_a) in zip(grids, anchor_grids):
-        rows.append([tok_begin, h * w, h, w, h_a, w_a, anchor_begin, anchor_begin])
-        tok_begin += h * w
-        anchor_begin += h_a * w_a  # anchors and cells are both packed per image
-    table = device_table(rows, device, tokens)
+    lengths = [h * w for h, w in grids]
+    anchor_begin = starts([h_a * w_a for h_a, w_a in anchor_grids])  # anchors and cells are both packed per image
+    h, w = zip(*grids)
+    h_a, w_a = zip(*anchor_grids)
+    table = image_table((starts(lengths), lengths, h, w, h_a, w_a, anchor_begin, anchor_begin), tokens)
     # Two [BLOCK_T, BLOCK_D] fp32 tiles live at once: small on a GPU (registers), large under
     # the interpreter (it pays per op, not per element).
     block_t, block_d = (64, 128) if interpreted() else (32, 64)
     block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
-    grid = (triton.cdiv(max(h * w for h, w in grids), block_t), len(grids))
+    grid = (triton.cdiv(max(lengths), block_t), len(grids))
     if launchable(tokens, op):
         # Unused outputs get a one-element stand-in, never an alias of another argument
         # (torch.compile's functionalization would treat an alias as a second output).

@@ -26,6 +26,7 @@ under the Triton interpreter a 2048-element tl.sort takes seconds.
 """
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Sequence
 
 import torch
@@ -66,6 +67,13 @@ def key_index(key):
 
 
 @triton.jit
+def _keys(scores, tok_begin, local, n):
+    """(live, rank_key) of the image's tokens `local`: the key ranks by score, then local index."""
+    live = local < n
+    return live, rank_key(tl.load(scores + tok_begin + local, mask=live, other=0.0), local)
+
+
+@triton.jit
 def _image_row(table, image):
     row = table + image * 7
     return (
@@ -91,8 +99,7 @@ def _seed_kernel(
     if block * BLOCK_I >= n:
         return  # grid dim 0 covers the longest image
     i = block * BLOCK_I + tl.arange(0, BLOCK_I)
-    live_i = i < n
-    key_i = rank_key(tl.load(scores + tok_begin + i, mask=live_i, other=0.0), i)
+    live_i, key_i = _keys(scores, tok_begin, i, n)
     cell_i = tl.load(cells + tok_begin + i, mask=live_i, other=-1)
     valid_i = live_i & (cell_i >= 0) & (cell_i < cell_count)
     if CELL_BEST:
@@ -103,8 +110,7 @@ def _seed_kernel(
         ahead = tl.zeros([BLOCK_I], dtype=tl.int32)  # same-cell tokens ranked before i
         for j0 in range(0, n, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            live_j = j < n
-            key_j = rank_key(tl.load(scores + tok_begin + j, mask=live_j, other=0.0), j)
+            live_j, key_j = _keys(scores, tok_begin, j, n)
             cell_j = tl.load(cells + tok_begin + j, mask=live_j, other=-1)
             before = live_j[None, :] & (cell_j[None, :] == cell_i[:, None]) & (key_j[None, :] > key_i[:, None])
             ahead += tl.sum(before.to(tl.int32), axis=1)
@@ -127,8 +133,7 @@ def _take_kernel(
     if block * BLOCK_I >= n:
         return
     i = block * BLOCK_I + tl.arange(0, BLOCK_I)
-    live_i = i < n
-    key_i = rank_key(tl.load(scores + tok_begin + i, mask=live_i, other=0.0), i)
+    live_i, key_i = _keys(scores, tok_begin, i, n)
     seed_i = tl.load(seed + tok_begin + i, mask=live_i, other=0) != 0
 
     seeds_before = tl.zeros([BLOCK_I], dtype=tl.int32)
@@ -136,8 +141,7 @@ def _take_kernel(
     num_seeds = tl.zeros([BLOCK_J], dtype=tl.int32)
     for j0 in range(0, n, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        live_j = j < n
-        key_j = rank_key(tl.load(scores + tok_begin + j, mask=live_j, other=0.0), j)
+        live_j, key_j = _keys(scores, tok_begin, j, n)
         seed_j = tl.load(seed + tok_begin + j, mask=live_j, other=0) != 0
         before = live_j[None, :] & (key_j[None, :] > key_i[:, None])
         seeds_before += tl.sum((before & seed_j[None, :]).to(tl.int32), axis=1)
@@ -184,6 +188,16 @@ def device_table(rows: list, device: torch.device, like: torch.Tensor, dtype=tor
     if device.type == "cuda" and not is_fake(like):
         return torch.tensor(rows, dtype=dtype).pin_memory().to(device, non_blocking=True)
     return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def starts(sizes: Sequence[int]) -> List[int]:
+    """Where each image's run begins in a packed array: [0, s0, s0 + s1, ..., sum(sizes)]."""
+    return list(itertools.accumulate(sizes, initial=0))
+
+
+def image_table(columns: Sequence[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
+    """int64 [B, len(columns)] on like's device: row b holds entry b of every column (device_table)."""
+    return device_table([list(row) for row in zip(*columns)], like.device, like)
 
 
 def interpreted() -> bool:
@@ -244,11 +258,9 @@ def select(
         return keep_idx
     if cell_best is not None and any(q != 1 for q in quotas):
         raise ValueError(f"{op}: the per-cell best decides seeds only when every quota is 1")
-    rows, tok_begin, keep_begin, cell_begin = [], 0, 0, 0
-    for n, k, c, q in zip(lengths, budgets, cell_counts, quotas):
-        rows.append([tok_begin, n, k, keep_begin, c, q, cell_begin])
-        tok_begin, keep_begin, cell_begin = tok_begin + n, keep_begin + k, cell_begin + c
-    table = device_table(rows, device, scores)
+    table = image_table(
+        (starts(lengths), lengths, budgets, starts(budgets), cell_counts, quotas, starts(cell_counts)), scores
+    )
     scores, cells = scores.contiguous(), cells.contiguous()
     seed = torch.empty(scores.shape[0], dtype=torch.int8, device=device)
     take = torch.empty(scores.shape[0], dtype=torch.int8, device=device)

@@ -36,11 +36,17 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _checks
 from .anchor_scores import inv_norm
-from .balanced_topk import count_blocks, device_table, interpreted, key_index, launchable, rank_key
+from .balanced_topk import count_blocks, image_table, interpreted, key_index, launchable, rank_key, starts
 
-# The merge kernels read one int64 row per image: tok_begin, n, k, keep_begin (= output row
-# of the image's first kept token), drop_begin (first slot of its dropped tokens in the
-# dense per-batch lists).
+# The merge kernels read one int64 row per image (_image_row): tok_begin, n, k, keep_begin
+# (= output row of the image's first kept token), drop_begin (first slot of its dropped
+# tokens in the dense per-batch lists).
+
+
+@triton.jit
+def _image_row(table, image):
+    row = table + image * 5
+    return tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
 
 
 @triton.jit
@@ -77,14 +83,9 @@ def _prepare_kernel(
 ):
     block = tl.program_id(0)
     image = tl.program_id(1)
-    row = table + image * 5
-    n = tl.load(row + 1)
+    tok_begin, n, k, keep_begin, drop_begin = _image_row(table, image)
     if block * BLOCK_T >= n:
         return
-    tok_begin = tl.load(row + 0)
-    k = tl.load(row + 2)
-    keep_begin = tl.load(row + 3)
-    drop_begin = tl.load(row + 4)
 
     token = tok_begin + block * BLOCK_T + tl.arange(0, BLOCK_T)
     live = token < tok_begin + n
@@ -127,15 +128,10 @@ def _assign_kernel(
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     image = tl.program_id(2)
-    row = table + image * 5
-    tok_begin = tl.load(row + 0)
-    n = tl.load(row + 1)
-    k = tl.load(row + 2)
+    tok_begin, n, k, keep_begin, drop_begin = _image_row(table, image)
     num_dropped = n - k
     if tile_m * BLOCK_M >= num_dropped:
         return
-    keep_begin = tl.load(row + 3)
-    drop_begin = tl.load(row + 4)
     # This split's contiguous run of kept-column tiles.
     tiles = tl.cdiv(k, BLOCK_N)
     per_split = tl.cdiv(tiles, splits)
@@ -198,15 +194,10 @@ def _group_kernel(
 ):
     block = tl.program_id(0)
     image = tl.program_id(1)
-    row = table + image * 5
-    n = tl.load(row + 1)
-    k = tl.load(row + 2)
+    tok_begin, n, k, keep_begin, drop_begin = _image_row(table, image)
     num_dropped = n - k
     if block * BLOCK_I >= num_dropped:
         return
-    tok_begin = tl.load(row + 0)
-    keep_begin = tl.load(row + 3)
-    drop_begin = tl.load(row + 4)
 
     i = block * BLOCK_I + tl.arange(0, BLOCK_I)
     live_i = i < num_dropped
@@ -259,14 +250,9 @@ def _mean_kernel(
     block_r = tl.program_id(0)
     block_d = tl.program_id(1)
     image = tl.program_id(2)
-    row = table + image * 5
-    k = tl.load(row + 2)
+    tok_begin, n, k, keep_begin, drop_begin = _image_row(table, image)
     if block_r * BLOCK_R >= k:
         return
-    tok_begin = tl.load(row + 0)
-    n = tl.load(row + 1)
-    keep_begin = tl.load(row + 3)
-    drop_begin = tl.load(row + 4)
 
     r = block_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_live = r < k
@@ -344,12 +330,9 @@ def merge_tokens(
     if not lengths:
         return merged, assign
     drops = [n - k for n, k in zip(lengths, budgets)]
-    rows, tok_begin, keep_begin, drop_begin = [], 0, 0, 0
-    for n, k in zip(lengths, budgets):
-        rows.append([tok_begin, n, k, keep_begin, drop_begin])
-        tok_begin, keep_begin, drop_begin = tok_begin + n, keep_begin + k, drop_begin + n - k
-    table = device_table(rows, device, tokens)
-    num_dropped = max(1, drop_begin)  # never a zero-size buffer: kernels index them masked
+    drop_begin = starts(drops)
+    table = image_table((starts(lengths), lengths, budgets, starts(budgets), drop_begin), tokens)
+    num_dropped = max(1, drop_begin[-1])  # never a zero-size buffer: kernels index them masked
     dropped = torch.empty(num_dropped, dtype=torch.int64, device=device)
     best = torch.full((num_dropped,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
     group_tok = torch.empty(num_dropped, dtype=torch.int64, device=device)

@@ -16,7 +16,7 @@ from torch.library import triton_op
 from .. import _checks
 from ..reference.budget import budget
 from .anchor_scores import score
-from .balanced_topk import device_table, select
+from .balanced_topk import device_table, select, starts
 from .merge import merge_tokens
 
 
@@ -38,10 +38,7 @@ def reduce_tokens(
     scores, cells, inv_norms, cell_best = score(tokens, anchors, grids, anchor_grids, True, True, op)
     keep_idx = select(scores, cells, lengths, budgets, cell_counts, [1] * len(lengths), cell_best, op)
     merged, assign = merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, inv_norms, op=op)
-    offsets = [0]
-    for k in budgets:
-        offsets.append(offsets[-1] + k)
-    cu_seqlens = device_table(offsets, tokens.device, tokens, torch.int32)
+    cu_seqlens = device_table(starts(budgets), tokens.device, tokens, torch.int32)
     return merged, keep_idx, cu_seqlens, scores, assign
 
 
