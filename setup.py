@@ -1,7 +1,8 @@
 """Builds g2tr_kernels._C: the torch.ops.g2tr schemas, CPU kernels and, optionally, CUDA kernels.
 
-G2TR_BUILD_CUDA=auto (default): build the CUDA kernels when torch is a CUDA build and
-nvcc is found (CUDA_HOME); never decided by whether a GPU is present.
+G2TR_BUILD_CUDA=auto (default): build the CUDA kernels when torch is a CUDA build and a
+toolkit is found at CUDA_HOME (its include/cuda_runtime.h); never decided by whether a GPU
+is present.
 G2TR_BUILD_CUDA=1: require them (fails without nvcc); 0: CPU only.
 TORCH_CUDA_ARCH_LIST picks the archs (default "8.0;9.0+PTX"). No network is used.
 """
@@ -47,7 +48,9 @@ def rel(paths):
 def extension():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     sources += ["python/module.cpp"]
-    cxx = ["-O3", "-fopenmp", "-std=c++20", f'-DG2TR_VERSION="{VERSION}"']
+    # No contraction of a * b + c into FMA: the AVX-512, AVX2 and portable copies of the row
+    # primitives (csrc/cpu/vec.cpp) then round alike, whatever CPU runs them.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off", f'-DG2TR_VERSION="{VERSION}"']
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     if not want_cuda():
         return cpp_extension.CppExtension(

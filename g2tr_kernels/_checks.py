@@ -7,12 +7,21 @@ same rules, the argument and the image named. Only host-side values are read her
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Sequence, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Pairs = List[Tuple[int, int]]
+
+
+def as_int(op: str, what: str, value) -> int:
+    """An integer argument, never silently truncated (4.9 is an error, not 4)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {what} must be an int, got {value!r}") from None
 
 
 def grid_pairs(op: str, name: str, grids) -> Pairs:
@@ -25,11 +34,14 @@ def grid_pairs(op: str, name: str, grids) -> Pairs:
         for b, g in enumerate(grids):
             if len(g) != 2:
                 raise ValueError(f"{op}: {name} of image {b} must be an (h, w) pair, got {tuple(g)}")
-            pairs.append((int(g[0]), int(g[1])))
+            pairs.append((as_int(op, f"{name} of image {b}", g[0]), as_int(op, f"{name} of image {b}", g[1])))
     else:
         if len(grids) % 2:
             raise ValueError(f"{op}: {name} must hold one (h, w) pair per image, got {len(grids)} ints")
-        pairs = [(int(grids[i]), int(grids[i + 1])) for i in range(0, len(grids), 2)]
+        pairs = [
+            (as_int(op, f"{name} of image {i // 2}", grids[i]), as_int(op, f"{name} of image {i // 2}", grids[i + 1]))
+            for i in range(0, len(grids), 2)
+        ]
     for b, (h, w) in enumerate(pairs):
         if h <= 0 or w <= 0:
             raise ValueError(f"{op}: {name} of image {b} must be positive, got {h} x {w}")
@@ -82,6 +94,7 @@ def images(op: str, tokens, anchors, grids, anchor_grids) -> Tuple[Pairs, Pairs]
 
 
 def ratio(op: str, keep_ratio: float, min_keep: int) -> None:
+    as_int(op, "min_keep", min_keep)
     if not (keep_ratio > 0.0 and keep_ratio <= 1.0):
         raise ValueError(f"{op}: keep_ratio must be in (0, 1], got {keep_ratio}")
     if min_keep < 1:
@@ -96,7 +109,7 @@ def merge_weight(op: str, weight: float) -> None:
 def lengths(op: str, lengths: Sequence[int], total: int) -> List[int]:
     if isinstance(lengths, torch.Tensor):
         raise TypeError(f"{op}: lengths must be host-side ints (a list), not a tensor: reading a tensor would sync")
-    lengths = [int(n) for n in lengths]
+    lengths = [as_int(op, f"lengths[{b}] (image {b})", n) for b, n in enumerate(lengths)]
     for b, n in enumerate(lengths):
         if n <= 0:
             raise ValueError(f"{op}: lengths[{b}] (image {b}) must be positive, got {n}")
@@ -106,7 +119,7 @@ def lengths(op: str, lengths: Sequence[int], total: int) -> List[int]:
 
 
 def per_image(op: str, name: str, values: Sequence[int], lengths_: Sequence[int], low: int = 1, high=None) -> List[int]:
-    values = [int(v) for v in values]
+    values = [as_int(op, f"{name}[{b}] (image {b})", v) for b, v in enumerate(values)]
     if len(values) != len(lengths_):
         raise ValueError(f"{op}: {name} has {len(values)} entries but there are {len(lengths_)} images")
     for b, v in enumerate(values):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import time
 from functools import partial
 from typing import List, Optional
+
+from .bench import e2e
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -50,20 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                        "0.25/0.5/0.75; writes scaling.png. On 2 CPU cores this takes about 10 minutes")
     bench.add_argument("--scaling-max-tokens", type=int, default=119_280, help="largest N of the scaling sweep")
     bench.add_argument("--e2e", action="store_true",
-                       help="also run the end-to-end prefill benchmark (g2tr_kernels.bench.e2e.run_e2e), if installed")
+                       help="also run the end-to-end prefill benchmark (g2tr_kernels.bench.e2e.run_e2e; needs transformers)")
     bench.add_argument("--out", metavar="DIR", help="write bench.md, bench.json and bench.png (and scaling.png) here")
-    e2e = _e2e_module()
-    if e2e is not None and hasattr(e2e, "add_e2e_arguments"):
-        e2e.add_e2e_arguments(bench)
+    e2e.add_e2e_arguments(bench)
     return parser
-
-
-def _e2e_module():
-    """g2tr_kernels.bench.e2e when it is installed (it is optional), else None."""
-    try:
-        return importlib.import_module("g2tr_kernels.bench.e2e")
-    except ImportError:
-        return None
 
 
 def _info() -> int:
@@ -144,12 +135,8 @@ def _bench(args: argparse.Namespace) -> int:
             opts, max_tokens=args.scaling_max_tokens, progress=partial(tqdm, disable=None), log=tqdm.write
         )
     if args.e2e:
-        e2e = _e2e_module()
-        if e2e is None:
-            result["e2e"] = {"skipped": "g2tr_kernels.bench.e2e is not available"}
-        else:
-            args.device = str(device)  # the prefill runs where the kernels ran
-            result["e2e"] = e2e.run_e2e(args)
+        args.device = str(device)  # the prefill runs where the kernels ran
+        result["e2e"] = e2e.run_e2e(args)
         shown = result["e2e"].get("markdown") if isinstance(result["e2e"], dict) else None
         tqdm.write("\n" + (shown if isinstance(shown, str) else "end-to-end: " + json.dumps(result["e2e"], default=str)))
     result["wall_s"] = time.perf_counter() - started

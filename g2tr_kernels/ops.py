@@ -35,7 +35,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu":
             backend = "cpu"
         elif device.type == "cuda":
-            backend = "cuda" if _native.loaded() and "cuda" in _native.build_info()["backends"] else "triton"
+            _native.require("auto")  # a failed native load is an error, not a reason to pick Triton
+            backend = "cuda" if "cuda" in _native.build_info()["backends"] else "triton"
         else:
             raise ValueError(f"backend='auto' has no kernels for device {device}; pass backend='reference'")
     if backend in ("cpu", "cuda"):
@@ -53,8 +54,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def budgets(lengths: Sequence[int], keep_ratio: float = 0.5, min_keep: int = 32) -> List[int]:
     """Per-image K: min(N, max(min_keep, round_half_even(N * keep_ratio)))."""
-    _checks.ratio("g2tr.budgets", keep_ratio, min_keep)
-    return [budget(int(n), keep_ratio, min_keep) for n in lengths]
+    op = "g2tr.budgets"
+    _checks.ratio(op, keep_ratio, min_keep)
+    return [budget(_checks.as_int(op, f"lengths[{b}]", n), keep_ratio, min_keep) for b, n in enumerate(lengths)]
 
 
 def reduce(
@@ -82,6 +84,8 @@ def reduce(
     _checks.merge_weight(op, merge_weight)
     if check_finite:
         _check_finite_images(op, tokens, anchors, g, a)
+    # Plain Python numbers from here on: every backend computes K from the same double.
+    keep_ratio, min_keep, merge_weight = float(keep_ratio), _checks.as_int(op, "min_keep", min_keep), float(merge_weight)
     backend = resolve_backend(backend, tokens.device)
     if backend == "reference":
         return ReduceOutput(*reference.reduce(tokens, anchors, g, a, keep_ratio, min_keep, merge_weight))

@@ -65,3 +65,17 @@ def test_merge_and_anchor_scores_gradients_match_reference():
     want = _grads(lambda: scores_loss("reference"), tokens, anchors)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_reduce_has_the_same_gradients():
+    pytest.importorskip("triton")
+    tokens, anchors = _inputs(seed=2)
+
+    def loss(backend):
+        out = g2tr.reduce(tokens, anchors, GRIDS, ANCHOR_GRIDS, min_keep=1, backend=backend)
+        return (out.merged ** 2).sum() + out.scores.sum()
+
+    got = _grads(lambda: loss("triton"), tokens, anchors)
+    want = _grads(lambda: loss("reference"), tokens, anchors)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

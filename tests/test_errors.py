@@ -380,3 +380,43 @@ def test_budgets_checks_its_arguments():
     with pytest.raises(ValueError, match="min_keep"):
         g2tr.budgets([10], 0.5, 0)
     assert math.isclose(g2tr.budgets([10], 0.5, 1)[0], 5)
+
+
+def test_float_grids_and_lengths_are_errors_not_truncated():
+    tokens, anchors = torch.randn(20, 8), torch.randn(4, 8)
+    with pytest.raises(TypeError, match="grids of image 0 must be an int"):
+        g2tr.reduce(tokens, anchors, [(4.9, 4)], [(2, 2)], backend="reference")
+    with pytest.raises(TypeError, match=r"lengths\[0\] must be an int"):
+        g2tr.budgets([16.7])
+    with pytest.raises(TypeError, match="min_keep must be an int"):
+        g2tr.reduce(tokens, anchors, [(4, 5)], [(2, 2)], min_keep=2.5, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_numpy_keep_ratio_gives_the_ops_budget(backend):
+    np = pytest.importorskip("numpy")
+    tokens, anchors = torch.randn(5, 8), torch.randn(1, 8)
+    ratio = np.float32(0.7)  # 5 * float(0.7f) = 3.4999998 in double: K = 3 on every path
+    out = g2tr.reduce(tokens, anchors, [(1, 5)], [(1, 1)], keep_ratio=ratio, min_keep=1, backend=backend)
+    assert out.merged.shape[0] == 3 == g2tr.budgets([5], ratio, 1)[0]
+    padded = g2tr.reduce_padded(tokens[None], anchors[None], (1, 5), (1, 1), keep_ratio=ratio, min_keep=1, backend=backend)
+    assert padded.merged.shape == (1, 3, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("where", ["tokens", "anchors"])
+def test_check_finite_catches_inf_in_tokens_and_anchors(backend, where):
+    tokens, anchors = torch.randn(4 + 9, 8), torch.randn(1 + 4, 8)
+    if where == "tokens":
+        tokens[7, 3] = float("inf")  # row 7 is in image 1
+    else:
+        anchors[2, 0] = float("-inf")  # anchor row 2 is in image 1
+    with pytest.raises(ValueError, match=f"{where} of image 1 has a non-finite value"):
+        g2tr.reduce(tokens, anchors, [(2, 2), (3, 3)], [(1, 1), (2, 2)], check_finite=True, backend=backend)
+    out = g2tr.reduce(tokens, anchors, [(2, 2), (3, 3)], [(1, 1), (2, 2)], backend=backend)  # no check: no crash
+    assert out.merged.shape[0] == 4 + 9
+
+
+def test_merge_weight_nan_is_an_error():
+    with pytest.raises(ValueError, match="merge_weight"):
+        g2tr.reduce(torch.randn(4, 8), torch.randn(1, 8), [(2, 2)], [(1, 1)], merge_weight=float("nan"))

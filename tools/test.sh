@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: sets up .venv, builds everything from scratch, runs every check.
-#   bash tools/test.sh            # from a fresh clone, on any machine with python3 + g++
+#   bash tools/test.sh            # from a fresh clone, on Linux with python3 (venv) + g++
 # Steps: build (tools/setup.sh) -> ptxas report when CUDA kernels were built -> pytest
 # (tests/, Triton kernels under TRITON_INTERPRET=1) -> benchmark smoke run -> libtorch
 # CMake build and its ctest.
@@ -34,6 +34,7 @@ if [ -n "${CUDA_HOME:-}" ] || [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)"
 [ -n "$NVRTC" ] && CMAKE_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
-cmake "${CMAKE_ARGS[@]}" > build/cmake-configure.log 2>&1 || { tail -n 40 build/cmake-configure.log; exit 1; }
-cmake --build build/cmake -j2 > build/cmake-build.log 2>&1 || { tail -n 40 build/cmake-build.log; exit 1; }
-ctest --test-dir build/cmake --output-on-failure
+# cmake and ctest come from requirements.txt (the PyPI cmake package), so a fresh machine needs none.
+"$VENV/bin/cmake" "${CMAKE_ARGS[@]}" > build/cmake-configure.log 2>&1 || { tail -n 40 build/cmake-configure.log; exit 1; }
+"$VENV/bin/cmake" --build build/cmake -j2 > build/cmake-build.log 2>&1 || { tail -n 40 build/cmake-build.log; exit 1; }
+"$VENV/bin/ctest" --test-dir build/cmake --output-on-failure

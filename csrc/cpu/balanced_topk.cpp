@@ -19,7 +19,7 @@ namespace g2tr::cpu {
 void select_tokens(const float* scores, const int64_t* cells, const Images& im, const int64_t* cell_counts,
                    const int64_t* cell_quotas, int64_t* keep_idx) {
   at::parallel_for(0, im.count(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> order;
+    std::vector<int64_t> order, present;
     std::vector<int32_t> taken_in_cell;
     std::vector<uint8_t> taken;
     for (int64_t b = begin; b < end; ++b) {
@@ -29,13 +29,22 @@ void select_tokens(const float* scores, const int64_t* cells, const Images& im, 
       order.resize(n);
       std::iota(order.begin(), order.end(), int64_t{0});
       std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return ranks_before(s[x], x, s[y], y); });
-      taken_in_cell.assign(cell_counts[b], 0);
+      // Counters only for the cells that occur: at most n of them, so memory stays O(n)
+      // however large cell_counts[b] is.
+      present.clear();
+      for (int64_t t = 0; t < n; ++t)
+        if (c[t] >= 0 && c[t] < cell_counts[b]) present.push_back(c[t]);
+      std::sort(present.begin(), present.end());
+      present.erase(std::unique(present.begin(), present.end()), present.end());
+      taken_in_cell.assign(present.size(), 0);
       taken.assign(n, 0);
       int64_t count = 0;
       for (int64_t pos = 0; pos < n && count < k; ++pos) {
         const int64_t t = order[pos], cell = c[t];
-        if (cell >= 0 && cell < cell_counts[b] && taken_in_cell[cell] < cell_quotas[b]) {
-          ++taken_in_cell[cell];
+        if (cell < 0 || cell >= cell_counts[b]) continue;
+        int32_t& in_cell = taken_in_cell[std::lower_bound(present.begin(), present.end(), cell) - present.begin()];
+        if (in_cell < cell_quotas[b]) {
+          ++in_cell;
           taken[t] = 1;
           ++count;
         }

@@ -10,7 +10,8 @@ def budget(num_tokens: int, keep_ratio: float, min_keep: int) -> int:
     Python's round() of the double product is the contract: 1369 * 0.5 -> 684.
     K depends on N and the arguments only, so output shapes are known on the host.
     """
-    return min(num_tokens, max(min_keep, round(num_tokens * keep_ratio)))
+    n = int(num_tokens)
+    return min(n, max(int(min_keep), round(n * float(keep_ratio))))  # the product in double, like the C++ ops
 
 
 def cell_ids(h: int, w: int, h_a: int, w_a: int, device=None) -> torch.Tensor:

@@ -36,6 +36,9 @@ if IMPORT_ERROR is None:
     from . import merge as _merge  # noqa: F401
     from . import reduce as _reduce  # noqa: F401
     from .balanced_topk import interpreted
+    from .. import _autograd
+
+    _autograd.register("triton_")  # the Triton ops share the native ops' schemas and gradients
 
 Pairs = Sequence[Tuple[int, int]]
 

@@ -1,7 +1,7 @@
 """Standalone check + benchmark of csrc/cpu/dot_argmax.cpp (not part of the pytest suite).
 
-    /work/venv/bin/python tests/cpp/dot_argmax_check.py            # checks + timing
-    /work/venv/bin/python tests/cpp/dot_argmax_check.py --no-bench # checks only
+    python tests/cpp/dot_argmax_check.py            # checks + timing
+    python tests/cpp/dot_argmax_check.py --no-bench # checks only
 
 Builds the kernel with a tiny pybind wrapper (tests/cpp/dot_argmax_binding.cpp) and no
 -m flags, compares it with a float64 reference on many shapes (tiny, odd d, n not a
