@@ -1,10 +1,11 @@
-"""g2tr.reduce, the whole reduction, against the reference path, the published structure and ToMe."""
+"""g2tr.reduce, the whole reduction, against the reference path, the published structure, ToMe,
+and the floor: one plain fp32 product (N-K) x D times D x K per image, timed in the same group."""
 import torch
 
 from g2tr_kernels import ops
-from g2tr_kernels.bench import peers, published
+from g2tr_kernels.bench import peers, published, runner
 
-PEERS = ("published", "tome")
+PEERS = ("published", "tome", "floor")
 
 
 def test_reduce(problem, backend, measure, merge_check):
@@ -17,6 +18,8 @@ def test_reduce(problem, backend, measure, merge_check):
         assert torch.equal(cu_seqlens, p.ref.cu_seqlens)
         assert merged.shape == p.ref.merged.shape and bool(torch.isfinite(merged.float()).all())
         assert int(assign.min()) >= 0 and int(assign.max()) < merged.shape[0]
+    elif backend == "floor":
+        fn = runner.floor_case(p.workload, p.keep_ratio, p.min_keep, p.tokens.device).run
     elif backend == "tome":
         fn = lambda: peers.tome_bipartite(p.tokens, p.lengths, p.keep_ratio, p.min_keep)  # noqa: E731
         merged, keep_idx = fn()

@@ -1,4 +1,4 @@
-// Stage III score on the CPU: one pass over the tokens.
+// Stage III score on the CPU: one pass over the tokens and the anchors they fall on.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,11 +14,8 @@ namespace g2tr::cpu {
 template <typename T>
 void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores,
                   int64_t* cells, float* inv_norms) {
-  const int64_t num_anchors = im.anchors_begin.back();
-  std::vector<float> anchor_inv(num_anchors);
-  at::parallel_for(0, num_anchors, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t a = begin; a < end; ++a) anchor_inv[a] = inv_norm(sumsq(anchors + a * dim, dim));
-  });
+  // The anchor's norm is summed beside the dot product (the anchor row is read anyway), so
+  // anchors no token falls on (anchor grids finer than the ViT grid) cost nothing.
   at::parallel_for(0, im.tokens_begin.back(), 16, [&](int64_t begin, int64_t end) {
     // The image of the first token of this chunk; later tokens move forward from it.
     int64_t b = std::upper_bound(im.tokens_begin.begin(), im.tokens_begin.end(), begin) - im.tokens_begin.begin() - 1;
@@ -26,10 +23,10 @@ void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& 
       while (i >= im.tokens_begin[b + 1]) ++b;
       const int64_t cell = cell_of(i - im.tokens_begin[b], im.h[b], im.w[b], im.h_a[b], im.w_a[b]);
       const int64_t anchor = im.anchors_begin[b] + cell;
-      float dot, sq;
-      dot_and_sumsq(tokens + i * dim, anchors + anchor * dim, dim, &dot, &sq);
-      const float inv = inv_norm(sq);
-      scores[i] = dot * inv * anchor_inv[anchor];
+      float dot, token_sq, anchor_sq;
+      dot_and_sumsqs(tokens + i * dim, anchors + anchor * dim, dim, &dot, &token_sq, &anchor_sq);
+      const float inv = inv_norm(token_sq);
+      scores[i] = dot * inv * inv_norm(anchor_sq);
       cells[i] = cell;
       if (inv_norms) inv_norms[i] = inv;
     }

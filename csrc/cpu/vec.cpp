@@ -1,8 +1,8 @@
 // Row primitives, vectorised by the compiler.
 //
 // Sums are accumulated in kLanes independent partial sums combined in a fixed tree, so
-// the compiler may vectorise them (no reassociation needed) and the result does not
-// depend on the vector width. target_clones builds an AVX-512 and an AVX2 copy beside
+// the compiler may vectorise them (no reassociation needed) and, with FMA contraction off
+// (setup.py: -ffp-contract=off), the result does not depend on the vector width. target_clones builds an AVX-512 and an AVX2 copy beside
 // the portable one, chosen once at load time; a machine always runs the same copy, so
 // results are bitwise reproducible.
 #include "vec.h"
@@ -49,23 +49,26 @@ G2TR_INLINE float tree_sum(float* acc) {
 }
 
 template <typename T>
-G2TR_INLINE void dot_and_sumsq_impl(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq) {
-  float acc_dot[kLanes] = {0}, acc_sq[kLanes] = {0};
+G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq, float* y_sumsq) {
+  float acc_dot[kLanes] = {0}, acc_xx[kLanes] = {0}, acc_yy[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float a = widen(x[i + l]), b = widen(y[i + l]);
       acc_dot[l] += a * b;
-      acc_sq[l] += a * a;
+      acc_xx[l] += a * a;
+      acc_yy[l] += b * b;
     }
   }
   for (int l = 0; i < d; ++i, ++l) {
     const float a = widen(x[i]), b = widen(y[i]);
     acc_dot[l] += a * b;
-    acc_sq[l] += a * a;
+    acc_xx[l] += a * a;
+    acc_yy[l] += b * b;
   }
   *dot = tree_sum(acc_dot);
-  *x_sumsq = tree_sum(acc_sq);
+  *x_sumsq = tree_sum(acc_xx);
+  *y_sumsq = tree_sum(acc_yy);
 }
 
 template <typename T>
@@ -87,8 +90,9 @@ G2TR_INLINE float sumsq_impl(const T* x, int64_t d) {
 }  // namespace
 
 #define G2TR_DEFINE_ROW_KERNELS(T)                                                                       \
-  G2TR_CLONES void dot_and_sumsq(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq) {        \
-    dot_and_sumsq_impl(x, y, d, dot, x_sumsq);                                                           \
+  G2TR_CLONES void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq,         \
+                                  float* y_sumsq) {                                                      \
+    dot_and_sumsqs_impl(x, y, d, dot, x_sumsq, y_sumsq);                                                 \
   }                                                                                                      \
   G2TR_CLONES float sumsq(const T* x, int64_t d) { return sumsq_impl(x, d); }                            \
   G2TR_CLONES void scale_row(float* acc, const T* x, float s, int64_t d) {                               \

@@ -9,8 +9,8 @@
 namespace g2tr::cpu {
 
 #define G2TR_DECLARE_ROW_KERNELS(T)                                                      \
-  /* *dot = <x, y>, *x_sumsq = <x, x>, one read of x */                                 \
-  void dot_and_sumsq(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq);    \
+  /* *dot = <x, y>, *x_sumsq = <x, x>, *y_sumsq = <y, y>: one read of x and y */        \
+  void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq, float* y_sumsq); \
   float sumsq(const T* x, int64_t d);                                                    \
   /* acc = x * s */                                                                      \
   void scale_row(float* acc, const T* x, float s, int64_t d);                            \
