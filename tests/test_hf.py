@@ -280,3 +280,11 @@ def test_e2e_quick_prefill_runs():
     assert result["prefill_flops"]["ratio"] > 1.5
     assert result["speedup"] > 0 and result["reduce_s"] > 0
     assert "| G2TR | 162 |" in result["markdown"]
+
+
+def test_no_vae_images_and_no_normalisation_is_an_error():
+    model, vae = tiny_internvl(), tiny_vae()
+    ids, mask, px = internvl_inputs()
+    apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="no images for the VAE"):
+        model(input_ids=ids, pixel_values=px, attention_mask=mask)

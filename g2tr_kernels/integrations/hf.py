@@ -19,8 +19,8 @@ Calls without pixel_values (decode steps, text only) pass through untouched.
 
 Where the VAE images come from, in order: the vae_pixel_values= argument of forward /
 generate; handle.images(...) used as a context manager; else the pixel_values the VLM got,
-mapped back to [-1, 1] with image_mean / image_std when given to apply_g2tr (otherwise
-used as they are). One VAE image per vision-tower image (per tile for InternVL).
+mapped back to [-1, 1] with the image_mean / image_std given to apply_g2tr (without them,
+a ValueError: the VLM's normalised pixels are not VAE input). One VAE image per vision-tower image (per tile for InternVL).
 
 generate() returns the ORIGINAL prompt followed by the new tokens (so slicing
 output[:, input_ids.shape[1]:] still gives the answer); restore_prompt=False returns the
@@ -213,12 +213,17 @@ class G2TRHandle:
             vae_pixel_values = self._pending[-1]
         if vae_pixel_values is not None:
             return vae_pixel_values
+        if self.image_mean is None or self.image_std is None:
+            # The VLM's pixels are normalised for its vision tower, not in the VAE's [-1, 1]:
+            # feeding them as they are would give wrong anchors without a word.
+            raise ValueError(
+                "g2tr.hf: no images for the VAE: pass vae_pixel_values= (or use handle.images(...)), or give "
+                "apply_g2tr(..., image_mean=..., image_std=...) so the VLM's pixel_values can be mapped back"
+            )
         images = pixel_values.float()
-        if self.image_mean is not None and self.image_std is not None:
-            mean = torch.as_tensor(self.image_mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-            std = torch.as_tensor(self.image_std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-            images = (images * std + mean) * 2.0 - 1.0  # processor space -> [0, 1] -> the VAE's [-1, 1]
-        return images
+        mean = torch.as_tensor(self.image_mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+        std = torch.as_tensor(self.image_std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+        return (images * std + mean) * 2.0 - 1.0  # processor space -> [0, 1] -> the VAE's [-1, 1]
 
     def _forward(self, original, signature, *args, **kwargs):
         vae_pixel_values = kwargs.pop("vae_pixel_values", None)
