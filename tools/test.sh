@@ -2,8 +2,8 @@
 # The test command: sets up .venv, builds everything from scratch, runs every check.
 #   bash tools/test.sh            # from a fresh clone, on Linux with python3 (venv) + g++
 # Steps: build (tools/setup.sh) -> ptxas report when CUDA kernels were built -> pytest
-# (tests/, Triton kernels under TRITON_INTERPRET=1) -> benchmark smoke run -> libtorch
-# CMake build and its ctest.
+# (tests/, Triton kernels under TRITON_INTERPRET=1) -> benchmark smoke run -> the bf16
+# micro-kernel check -> libtorch CMake build and its ctest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
@@ -25,6 +25,9 @@ run_pytest() {
 }
 run_pytest -q tests
 run_pytest -q benchmarks --benchmark-disable
+# The bf16 merge micro-kernel against a float64 reference on ~550 shapes, ties and NaNs
+# (a no-op on CPUs without AVX512-BF16).
+"$PY" tests/cpp/dot_argmax_check.py --no-bench
 
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
