@@ -50,6 +50,22 @@ __device__ __forceinline__ void split_range(int col_tiles, int splits, int split
   end = min(begin + per_split, col_tiles);
 }
 
+// Local token (-1 past the image's dropped rows) and inv_norm of the block's dropped rows
+// [row0, row0 + kRows), written to shared memory by the first kRows threads; every thread
+// of the block must call it (it ends with a barrier).
+template <int kRows>
+__device__ __forceinline__ void load_dropped_rows(const int64_t* keep_idx, const float* inv_norms,
+                                                  const ImageSpan& im, int row0, int* a_token, float* a_inv) {
+  const int tid = threadIdx.x;
+  if (tid < kRows) {
+    const int d = row0 + tid;
+    const int t = d < im.dropped() ? dropped_token(keep_idx, im, d) : -1;
+    a_token[tid] = t;
+    a_inv[tid] = t >= 0 ? inv_norms[im.first + t] : 0.0f;
+  }
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------- stage 1, tensor cores
 
 namespace mma {
@@ -123,13 +139,7 @@ __global__ void __launch_bounds__(mma::kThreads)
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
-  if (tid < kBlockRows) {
-    const int d = row0 + tid;
-    const int t = d < im.dropped() ? dropped_token(keep_idx, im, d) : -1;
-    a_token[tid] = t;
-    a_inv[tid] = t >= 0 ? inv_norms[im.first + t] : 0.0f;
-  }
-  __syncthreads();
+  load_dropped_rows<kBlockRows>(keep_idx, inv_norms, im, row0, a_token, a_inv);
 
   // Loader: thread copies 16-byte chunk (tid % 4) of rows tid / 4 and tid / 4 + 64 of both tiles.
   const int chunk = (tid % 4) * 8;
@@ -334,13 +344,7 @@ __global__ void __launch_bounds__(fma::kThreads)
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
-  if (tid < kBlockRows) {
-    const int d = row0 + tid;
-    const int t = d < im.dropped() ? dropped_token(keep_idx, im, d) : -1;
-    a_token[tid] = t;
-    a_inv[tid] = t >= 0 ? inv_norms[im.first + t] : 0.0f;
-  }
-  __syncthreads();
+  load_dropped_rows<kBlockRows>(keep_idx, inv_norms, im, row0, a_token, a_inv);
 
   // Loader: row tid / 4 of both tiles, features (tid % 4) * 4 .. + 3.
   const int load_row = tid / 4, load_f = (tid % 4) * 4;
