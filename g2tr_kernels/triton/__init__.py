@@ -35,7 +35,7 @@ if IMPORT_ERROR is None:
     from . import balanced_topk as _balanced_topk  # noqa: F401
     from . import merge as _merge  # noqa: F401
     from . import reduce as _reduce  # noqa: F401
-    from .balanced_topk import interpreted
+    from ._common import interpreted
     from .. import _autograd
 
     _autograd.register("triton_")  # the Triton ops share the native ops' schemas and gradients
