@@ -190,7 +190,11 @@ def cases(device: str, smoke: bool) -> List[Case]:
             for name in dir(mod):
                 kernel = getattr(mod, name)
                 for cache in getattr(kernel, "device_caches", {}).values():
-                    for compiled_kernel in cache[0].values():
+                    # (kernel cache, ...): its layout differs between Triton releases, so take
+                    # every compiled kernel found in its dicts.
+                    compiled = [v for part in cache if isinstance(part, dict) for v in part.values()
+                                if hasattr(v, "_init_handles")]
+                    for compiled_kernel in {c.hash: c for c in compiled}.values():
                         compiled_kernel._init_handles()
                         key = f"{name} ({compiled_kernel.hash[:8]})"
                         found[key] = {"registers": compiled_kernel.n_regs, "spills": compiled_kernel.n_spills,
