@@ -80,8 +80,11 @@ def cases(device: str, smoke: bool) -> List[Case]:
     def flat(pairs):
         return [v for p in pairs for v in p]
 
-    def raw_op(backend):
-        return torch.ops.g2tr.triton_reduce if backend == "triton" else torch.ops.g2tr.reduce
+    def raw_call(backend, name, dim, seed):
+        """(tokens, anchors, op, the op's other arguments): the raw op, as graphs and compile see it."""
+        grids, anchor_grids, tokens, anchors = inputs(name, dim, torch.bfloat16, seed)
+        op = torch.ops.g2tr.triton_reduce if backend == "triton" else torch.ops.g2tr.reduce
+        return tokens, anchors, op, (flat(grids), flat(anchor_grids), 0.5, min_keep, 1.0)
 
     def call(backend, tokens, anchors, grids, anchor_grids):
         return g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.5, min_keep, backend=backend)
@@ -121,9 +124,7 @@ def cases(device: str, smoke: bool) -> List[Case]:
     def graph_capture(backend):
         def run():
             needs_cuda()
-            grids, anchor_grids, tokens, anchors = inputs("M2", 3584, torch.bfloat16, seed=4)
-            op = raw_op(backend)
-            args = (flat(grids), flat(anchor_grids), 0.5, min_keep, 1.0)
+            tokens, anchors, op, args = raw_call(backend, "M2", 3584, seed=4)
             static_t, static_a = tokens.clone(), anchors.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -170,9 +171,7 @@ def cases(device: str, smoke: bool) -> List[Case]:
     def compiled(backend):
         def run():
             needs_cuda()
-            grids, anchor_grids, tokens, anchors = inputs("M1", 3584, torch.bfloat16, seed=8)
-            op = raw_op(backend)
-            args = (flat(grids), flat(anchor_grids), 0.5, min_keep, 1.0)
+            tokens, anchors, op, args = raw_call(backend, "M1", 3584, seed=8)
             fn = torch.compile(lambda t, a: op(t, a, *args), fullgraph=True)
             helpers.assert_outputs_bitwise_equal(f"{backend} torch.compile", to_cpu(g2tr.ReduceOutput(*fn(tokens, anchors))),
                                                  to_cpu(g2tr.ReduceOutput(*op(tokens, anchors, *args))))

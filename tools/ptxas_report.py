@@ -14,7 +14,7 @@ side by side). With --so it also reads the machine code embedded in the library
 SASS for every arch, with no local memory.
 
 With --triton it compiles the Triton kernels instead, offline (no GPU) for sm_80 and sm_90,
-as their launchers launch them at D = 3584, 3583 and 17 in bf16, fp16 and fp32
+as their launchers launch them at D = 3584 and 3583 in bf16 and fp32
 (tools/triton_offline.py), runs Triton's ptxas -v on each one's PTX and applies the same
 rule: every kernel and specialisation, zero spills.
 
@@ -200,8 +200,10 @@ def markdown(report: Report, names: Dict[str, str], archs: List[str], triton: bo
             "",
             "Written by `tools/ptxas_report.py --triton`: each kernel compiled offline as its launcher",
             "launches it (tools/triton_offline.py), labelled with the first case that compiled that",
-            "specialisation, ptxas -v on its PTX. Per arch, in the order " + pair(archs) + ". Triton's",
-            "shared memory is dynamic and not in these numbers.",
+            "specialisation, ptxas -v on its PTX. Per arch, in the order " + pair(archs) + ". An odd D",
+            "(3583) runs the binaries of the rounded-up D (its rows are padded to 3584: the same",
+            "specialisation), so it has no rows of its own. Triton's shared memory is dynamic and",
+            "not in these numbers.",
         ]
     else:
         intro = [

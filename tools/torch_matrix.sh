@@ -5,13 +5,15 @@
 #   bash tools/torch_matrix.sh 2.12.0 2.13.0    # any releases on PyPI
 #
 # tools/test.sh runs it when G2TR_TORCH_MATRIX=1 (.ci/run sets it). Each release gets
-# build/torch-<v>/: a venv holding only torch <v> and the triton that wheel pins (read
-# from its metadata), both installed with --no-deps from PyPI; everything else (pytest,
-# hypothesis, numpy, and the nvidia CUDA libraries that PyPI's torch wheels load at
-# import, a CPU run included) comes from the project venv through a .pth line, which
-# Python appends after the venv's own site-packages, so the venv's torch and triton win.
-# So only two wheels (~0.5 GB torch + ~0.2 GB triton) are downloaded per release, and a
-# release already installed is reused. PIP_CONFIG_FILE=/dev/null: this machine's pip
+# build/torch-<v>/: a venv holding only torch <v>, the triton that wheel pins and the
+# nvidia libraries it pins newer than the project venv's (read from its metadata: none
+# for 2.11.0, nvshmem for 2.15.0 against this project's venv), all installed with
+# --no-deps from PyPI; everything else (pytest, hypothesis, numpy, the other nvidia CUDA
+# libraries that PyPI's torch wheels load at import, a CPU run included) comes from the
+# project venv through a .pth line, which Python appends after the venv's own
+# site-packages, so the venv's packages win. So a few wheels (~0.5 GB torch, ~0.2 GB
+# triton, ~0.1 GB nvshmem) are downloaded per release, and a release already installed
+# is reused. PIP_CONFIG_FILE=/dev/null: this machine's pip
 # config caps torch at the pinned 2.14.1 through a constraint file (and points at local
 # mirrors); the matrix venvs ask PyPI itself. Then the extension is built into
 # build/torch-<v>/site (CPU kernels; setup.py build, the same command tools/gpu_check.sh
@@ -37,18 +39,36 @@ for v in "${VERSIONS[@]}"; do
     "$BASE/bin/python" -m venv "$D/venv"
     PIP_CONFIG_FILE=/dev/null "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$D/wheels" "torch==$v"
     WHEEL="$(ls "$D"/wheels/torch-*.whl)"
-    TRITON="$("$PY" - "$WHEEL" <<'EOF'
+    # What the wheel pins that the project venv cannot stand in for: triton (the version
+    # torch's Inductor and triton_op were built against) and every nvidia library pinned
+    # newer than the one in the project venv (an older one may lack symbols torch links).
+    EXTRA="$("$BASE/bin/python" - "$WHEEL" <<'EOF'
 import re, sys, zipfile
+from importlib import metadata
+from packaging.version import Version
+
 with zipfile.ZipFile(sys.argv[1]) as z:
     meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-    for line in z.read(meta).decode().splitlines():
-        m = re.match(r"Requires-Dist: triton\s*([^;]*)(;.*)?$", line)
-        if m and "extra ==" not in (m.group(2) or ""):
-            print("triton" + m.group(1).strip())
-            break
+    lines = z.read(meta).decode().splitlines()
+for line in lines:
+    m = re.match(r"Requires-Dist: ([A-Za-z0-9_.-]+)\s*(==|~=)\s*([^;\s]+)\s*(;.*)?$", line)
+    if not m or "extra ==" in (m.group(4) or ""):
+        continue
+    name, op, version = m.group(1), m.group(2), m.group(3)
+    if name == "triton":
+        print(f"triton{op}{version}")
+    elif name.startswith("nvidia-") and op == "==":
+        try:
+            have = Version(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            have = None
+        if have is None or have < Version(version):
+            print(f"{name}=={version}")
 EOF
 )"
-    PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q --no-deps "$WHEEL" ${TRITON:+"$TRITON"}
+    echo "torch_matrix: torch $v with --no-deps, plus:" $EXTRA
+    # shellcheck disable=SC2086  (one requirement per word)
+    PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q --no-deps "$WHEEL" $EXTRA
     rm -rf "$D/wheels"
     echo "$BASE_SITE" > "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_project_venv.pth"
   fi

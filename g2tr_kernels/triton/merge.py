@@ -300,6 +300,9 @@ ASSIGN_TILES = {
 }
 # The interpreter runs numpy per op: big tiles, few iterations.
 ASSIGN_TILES_INTERPRETED = (64, 64, 32, 4, 1)
+# Tiles of _mean_kernel (BLOCK_R rows x BLOCK_D columns): fp32 rows hold twice the bytes,
+# and at 16 x 128 ptxas spills 8-12 bytes (sm_80 and sm_90); 16 x 64 fits.
+MEAN_TILES = {torch.bfloat16: (16, 128), torch.float16: (16, 128), torch.float32: (16, 64)}
 
 
 def _splits(dropped_tiles: int, kept_tiles: int, device: torch.device) -> int:
@@ -376,12 +379,13 @@ def merge_tokens(
             wrap_triton(_group_kernel)[(triton.cdiv(max_drop, block_i), b)](
                 dropped, best, table, assign, group_tok, group_target, BLOCK_I=block_i, BLOCK_J=block_j,
             )
-        block_r = 64 if interpreted() else 16
+        block_r, mean_d = (64, block_d) if interpreted() else MEAN_TILES[tokens.dtype]
+        mean_d = min(mean_d, block_d)
         # Rows D apart are not 16-element aligned for odd D: write padded rows, copy once.
         out = merged if width == dim else torch.empty((k_total, width), dtype=tokens.dtype, device=device)
-        wrap_triton(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, block_d), b)](
+        wrap_triton(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, mean_d), b)](
             tokens, keep_idx, group_tok, group_target, table, out, float(merge_weight), width, tokens.stride(0), out.stride(0),
-            BLOCK_R=block_r, BLOCK_D=block_d, STEPS=max(max_drop, 1).bit_length(),
+            BLOCK_R=block_r, BLOCK_D=mean_d, STEPS=max(max_drop, 1).bit_length(),
         )
         if out is not merged:
             merged.copy_(out[:, :dim])
