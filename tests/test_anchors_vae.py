@@ -267,7 +267,7 @@ def test_auto_pool_is_the_smallest_q_whose_grid_is_no_finer_than_the_vit_grid():
         for h_v in range(1, 40):
             q, _ = auto_pool((h, 1), (h_v, 1))
             h_a = math.ceil(h / q)
-            assert h_a <= h_v or q == 1 and h <= h_v
+            assert h_a <= h_v
             assert q == 1 or math.ceil(h / (q - 1)) > h_v  # one less would be finer than the ViT grid
             # reduce's cell map r * h_a // h_v then reaches every anchor row: no cell goes unseen.
             assert {r * h_a // h_v for r in range(h_v)} == set(range(h_a))
