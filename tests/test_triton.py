@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import g2tr_kernels as g2tr  # noqa: E402
 from g2tr_kernels import reference  # noqa: E402
+from g2tr_kernels.reference.anchor_scores import NORM_EPS  # noqa: E402
 from g2tr_kernels.reference.balanced_topk import descending_order  # noqa: E402
 from g2tr_kernels.reference.budget import budget  # noqa: E402
 
@@ -78,7 +79,7 @@ def test_score_kernel(dtype):
     ref_scores, ref_cells = reference.anchor_scores(tokens, anchors, grids, anchor_grids)
     assert_close_report("scores", scores, ref_scores, atol=SCORE_ATOL, rtol=0)
     assert_bitwise_equal("cells", cells, ref_cells)
-    norms = tokens.float().norm(dim=1).clamp_min(1e-12)
+    norms = tokens.float().norm(dim=1).clamp_min(NORM_EPS)
     assert_close_report("inv_norms", inv_norms, 1.0 / norms, atol=0, rtol=1e-6)
 
     # The per-cell best folded in by atomic_max: each cell's best token by the kernel's own
