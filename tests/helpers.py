@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
+from g2tr_kernels import _native
 from g2tr_kernels.testing import (  # noqa: F401  (re-exported for the test files)
     MERGED_TOL,
     SCORE_ATOL,
@@ -32,7 +33,6 @@ from g2tr_kernels.testing import (  # noqa: F401  (re-exported for the test file
     offsets,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -55,10 +55,6 @@ WORKLOADS: Dict[str, Tuple[Pairs, Pairs, int]] = {
         32,
     ),
 }
-
-def kernel_backend(device) -> str:
-    """The native backend to compare with the reference on a device."""
-    return "cpu" if torch.device(device).type == "cpu" else "auto"
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -164,13 +160,44 @@ def dtype_id(dtype: Optional[torch.dtype]) -> str:
     return DTYPE_IDS.get(dtype, str(dtype))
 
 
-# (backend, device) pairs every handcrafted case runs on: the oracle itself and each kernel.
-BACKEND_DEVICES = [("reference", "cpu"), ("cpu", "cpu")] + (
-    [("reference", "cuda"), ("auto", "cuda")] if torch.cuda.is_available() else []
-)
-BACKEND_DEVICE_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
+# ---------------------------------------------------------------------------- backends
+
+
+def _triton_missing() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    return None
+
+
+def _backend(backend: str, device: str, missing: Optional[str] = None):
+    return pytest.param(backend, device, id=f"{backend}-{device}",
+                        marks=[pytest.mark.skip(reason=missing)] if missing else [])
+
+
+CUDA = torch.cuda.is_available()
+# (backend, device) pairs every handcrafted case runs on: the oracle itself and each kernel,
+# the Triton kernels under the interpreter on the CPU (conftest.py switches it on). The CUDA
+# pairs exist where a GPU does (no wall of skips on a CPU machine); a pair is skipped only
+# where its package (triton) is absent.
+BACKEND_DEVICES = [
+    _backend("reference", "cpu"),
+    _backend("cpu", "cpu"),
+    _backend("triton", "cpu", _triton_missing()),
+] + ([
+    _backend("reference", "cuda"),
+    _backend("cuda", "cuda", None if _native.loaded() and "cuda" in _native.compiled_backends()
+             else "this build of g2tr_kernels has no CUDA kernels (G2TR_BUILD_CUDA=1)"),
+    _backend("triton", "cuda", _triton_missing()),
+] if CUDA else [])
+BACKEND_DEVICE_IDS = [p.id for p in BACKEND_DEVICES]
+# The kernels compared with the reference on the SHAPES.md geometries: too large for the
+# Triton interpreter (test_triton.py runs the same comparisons on smaller shapes).
+KERNEL_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "reference" and p.id != "triton-cpu"]
 # The parametrizations the op test files share.
-backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+kernel_device = pytest.mark.parametrize("kernel,device", KERNEL_DEVICES)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 
 
