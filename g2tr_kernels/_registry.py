@@ -2,8 +2,10 @@
 
 A record holds the op's stem (csrc/cpu/<name>.cpp, csrc/cuda/<name>.cu, triton/<name>.py,
 reference/<name>.py, tests/test_<name>.py, benchmarks/bench_<name>.py), its schema as
-csrc/ops.cpp defines it, the Python API's argument normaliser, the Python checker (the
-twin of checks.h), the reference function, the fake kernel and the gradient. From OPS:
+csrc/ops.cpp defines it, the Python API's argument normaliser, the reference path (the op's
+Python checker, then its reference function), the fake kernel and the gradient; kernel()
+gives the native op (torch.ops.g2tr.<name>) or the Triton op (torch.ops.g2tr.triton_<name>).
+From OPS:
 
   - ops.py routes every public call: normalise, pick the backend, call kernel(backend);
   - _fake.register() and _autograd.register() register the fake kernels and gradients of
@@ -11,10 +13,11 @@ twin of checks.h), the reference function, the fake kernel and the gradient. Fro
   - the tests take their op list (and tests/test_library.py the schemas) from here.
 
 Validation happens once per call, where the op runs: the native ops in C++ (checks.h), the
-reference path and the Triton op bodies through `check`, the fake kernels through `check`
-too. The normaliser only turns the API's forms into the schema's (grid pairs into flat
-lists, numpy numbers into Python ones, "window" quotas into ints); it rejects only what
-the schema cannot carry (tensors where host ints belong, fractional ints).
+reference path, the Triton op bodies and the fake kernels through the op's one Python
+checker (_checks.py: images / reduce_args, balanced_topk_args, merge_args). The normaliser
+only turns the API's forms into the schema's (grid pairs into flat lists, numpy numbers
+into Python ones, "window" quotas into ints); it rejects only what the schema cannot carry
+(tensors where host ints belong, fractional ints).
 """
 from __future__ import annotations
 
@@ -34,8 +37,7 @@ class OpRecord:
     name: str  # the stem in every layer; torch.ops.g2tr.<name>, torch.ops.g2tr.triton_<name>
     schema: str  # exactly as csrc/ops.cpp defines it (tests/test_library.py compares)
     normalise: Callable[..., tuple]  # API arguments -> the schema's positional arguments
-    check: Callable[..., object]  # the Python checker: schema arguments -> parsed host values; raises like checks.h
-    reference: Callable[..., object]  # schema arguments -> outputs, via check and g2tr_kernels.reference
+    reference: Callable[..., object]  # schema arguments -> outputs: the op's Python checker, then reference/<name>.py
     fake: Callable[..., object]  # schema arguments -> empty outputs of the right sizes (g2tr_kernels/_fake.py)
     backward: Optional[Callable] = None  # torch.library.register_autograd's pair (g2tr_kernels/_autograd.py)
     setup_context: Optional[Callable] = None
@@ -118,31 +120,43 @@ def _reference_merge(tokens, keep_idx, lengths, budgets, merge_weight=1.0):
 
 OPS: Tuple[OpRecord, ...] = (
     OpRecord(
-        "anchor_scores",
-        "anchor_scores(Tensor tokens, Tensor anchors, int[] grids, int[] anchor_grids) -> (Tensor scores, Tensor cells)",
-        _normalise_anchor_scores, _checks.images, _reference_anchor_scores, _fake.anchor_scores,
-        _autograd.backward_anchor_scores, _autograd.setup_anchor_scores,
+        name="anchor_scores",
+        schema="anchor_scores(Tensor tokens, Tensor anchors, int[] grids, int[] anchor_grids) "
+        "-> (Tensor scores, Tensor cells)",
+        normalise=_normalise_anchor_scores,
+        reference=_reference_anchor_scores,
+        fake=_fake.anchor_scores,
+        backward=_autograd.backward_anchor_scores,
+        setup_context=_autograd.setup_anchor_scores,
     ),
     OpRecord(
-        "balanced_topk",
-        "balanced_topk(Tensor scores, Tensor cells, int[] lengths, int[] budgets, int[] cell_counts, "
+        name="balanced_topk",
+        schema="balanced_topk(Tensor scores, Tensor cells, int[] lengths, int[] budgets, int[] cell_counts, "
         "int[] cell_quotas) -> Tensor keep_idx",
-        _normalise_balanced_topk, _checks.balanced_topk_args, _reference_balanced_topk, _fake.balanced_topk,
+        normalise=_normalise_balanced_topk,
+        reference=_reference_balanced_topk,
+        fake=_fake.balanced_topk,  # no gradient: the output is indices
     ),
     OpRecord(
-        "merge",
-        "merge(Tensor tokens, Tensor keep_idx, int[] lengths, int[] budgets, float merge_weight=1.0) "
+        name="merge",
+        schema="merge(Tensor tokens, Tensor keep_idx, int[] lengths, int[] budgets, float merge_weight=1.0) "
         "-> (Tensor merged, Tensor assign)",
-        _normalise_merge, _checks.merge_args, _reference_merge, _fake.merge,
-        _autograd.backward_merge, _autograd.setup_merge,
+        normalise=_normalise_merge,
+        reference=_reference_merge,
+        fake=_fake.merge,
+        backward=_autograd.backward_merge,
+        setup_context=_autograd.setup_merge,
     ),
     OpRecord(
-        "reduce",
-        "reduce(Tensor tokens, Tensor anchors, int[] grids, int[] anchor_grids, float keep_ratio=0.5, "
+        name="reduce",
+        schema="reduce(Tensor tokens, Tensor anchors, int[] grids, int[] anchor_grids, float keep_ratio=0.5, "
         "int min_keep=32, float merge_weight=1.0) -> (Tensor merged, Tensor keep_idx, Tensor cu_seqlens, "
         "Tensor scores, Tensor assign)",
-        _normalise_reduce, _checks.reduce_args, _reference_reduce, _fake.reduce,
-        _autograd.backward_reduce, _autograd.setup_reduce,
+        normalise=_normalise_reduce,
+        reference=_reference_reduce,
+        fake=_fake.reduce,
+        backward=_autograd.backward_reduce,
+        setup_context=_autograd.setup_reduce,
     ),
 )
 BY_NAME: Dict[str, OpRecord] = {record.name: record for record in OPS}
