@@ -1,7 +1,7 @@
 """Argument checks of the reference path, the Triton ops and the fake kernels, and the
 normalisers of the Python API.
 
-The checkers (one per op: images / reduce_args, balanced_topk_args, merge_args) say what
+The checkers (one per op: anchor_scores_args, balanced_topk_args, merge_args, reduce_args) say what
 csrc/include/g2tr/checks.h says for the native ops: the same rules, the same exception
 types (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError) and messages, the
 argument and the image named. Each call is checked once, by the path that runs it
@@ -205,6 +205,11 @@ def merge_args(op: str, tokens, keep_idx, lengths_, budgets, weight):
     same_device(op, "tokens", tokens, "keep_idx", keep_idx)
     merge_weight(op, weight)
     return lengths_, budgets
+
+
+def anchor_scores_args(op: str, tokens, anchors, grids, anchor_grids) -> Tuple[Pairs, Pairs]:
+    """The checker of anchor_scores (checks.h check_images); returns the grid pairs."""
+    return images(op, tokens, anchors, grids, anchor_grids)
 
 
 def reduce_args(op: str, tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, weight) -> Tuple[Pairs, Pairs]:

@@ -13,7 +13,7 @@ from .reference.budget import budget
 
 
 def anchor_scores(tokens, anchors, grids, anchor_grids):
-    _checks.images("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
+    _checks.anchor_scores_args("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
     n = tokens.shape[0]
     return tokens.new_empty(n, dtype=torch.float32), tokens.new_empty(n, dtype=torch.int64)
 

@@ -14,7 +14,7 @@ From OPS:
 
 Validation happens once per call, where the op runs: the native ops in C++ (checks.h), the
 reference path, the Triton op bodies and the fake kernels through the op's one Python
-checker (_checks.py: images / reduce_args, balanced_topk_args, merge_args). The normaliser
+checker (_checks.py: <op>_args). The normaliser
 only turns the API's forms into the schema's (grid pairs into flat lists, numpy numbers
 into Python ones, "window" quotas into ints); it rejects only what the schema cannot carry
 (tensors where host ints belong, fractional ints).
@@ -97,7 +97,7 @@ def _normalise_merge(tokens, keep_idx, lengths, budgets, merge_weight=1.0) -> tu
 
 
 def _reference_anchor_scores(tokens, anchors, grids, anchor_grids):
-    g, a = _checks.images("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
+    g, a = _checks.anchor_scores_args("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
     return reference.anchor_scores(tokens, anchors, g, a)
 
 
