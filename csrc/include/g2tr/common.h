@@ -43,13 +43,13 @@ G2TR_HD int64_t cell_of(int64_t token, int64_t h, int64_t w, int64_t h_a, int64_
   return a_r * w_a + a_c;
 }
 
-// The value a score is ranked by: NaN below everything, so a NaN token is never preferred.
-G2TR_HD float ranked_value(float score) { return score != score ? -INFINITY : score; }
+// Scores are ranked with NaN below everything, so a NaN token is never preferred.
+G2TR_HD float rank_key(float score) { return score != score ? -INFINITY : score; }
 
 // The one ordering used everywhere (cell best, cell ranking, fill, merge assignment):
 // higher value first, ties to the lower index. A strict weak order even with NaN input.
 G2TR_HD bool ranks_before(float value_a, int64_t index_a, float value_b, int64_t index_b) {
-  const float a = ranked_value(value_a), b = ranked_value(value_b);
+  const float a = rank_key(value_a), b = rank_key(value_b);
   return a > b || (a == b && index_a < index_b);
 }
 
