@@ -20,7 +20,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from ._common import aligned_rows, image_table, padded_width, interpreted, inv_norm, launch_guard, launchable, rank_key, starts
+from ._common import (
+    aligned_rows, image_table, interpreted, inv_norm, launch_guard, launchable, padded_width, rank_key, starts,
+)
 
 Pairs = Sequence[Tuple[int, int]]
 
@@ -141,6 +143,6 @@ def triton_anchor_scores(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.ops.g2tr.triton_anchor_scores: same contract as torch.ops.g2tr.anchor_scores."""
     op = "g2tr.triton_anchor_scores"
-    grids, anchor_grids = _checks.images(op, tokens, anchors, grids, anchor_grids)
+    grids, anchor_grids = _checks.anchor_scores_args(op, tokens, anchors, grids, anchor_grids)
     scores, cells, _, _ = score(tokens, anchors, grids, anchor_grids, op=op)
     return scores, cells

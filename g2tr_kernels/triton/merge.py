@@ -36,7 +36,8 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _checks
 from ._common import (
-    aligned_rows, count_blocks, image_table, padded_width, interpreted, inv_norm, key_index, launch_guard, launchable, rank_key, starts,
+    aligned_rows, count_blocks, image_table, interpreted, inv_norm, key_index, launch_guard, launchable, padded_width,
+    rank_key, starts,
 )
 
 # The merge kernels read one int64 row per image (_image_row): tok_begin, n, k, keep_begin
@@ -398,10 +399,5 @@ def triton_merge(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.ops.g2tr.triton_merge: same contract as torch.ops.g2tr.merge."""
     op = "g2tr.triton_merge"
-    _checks.float_tensor(op, "tokens", tokens, 2)
-    lengths = _checks.lengths(op, lengths, tokens.shape[0])
-    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
-    _checks.index_tensor(op, "keep_idx", keep_idx, sum(budgets))
-    _checks.same_device(op, "tokens", tokens, "keep_idx", keep_idx)
-    _checks.merge_weight(op, merge_weight)
+    lengths, budgets = _checks.merge_args(op, tokens, keep_idx, lengths, budgets, merge_weight)
     return merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, op=op)
