@@ -17,11 +17,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _checks
 from ._common import (
-    aligned_rows, image_table, interpreted, inv_norm, launch_guard, launchable, padded_width, rank_key, starts,
+    aligned_rows, image_table, interpreted, inv_norm, launch, launch_guard, launchable, padded_width, rank_key, starts,
 )
 
 Pairs = Sequence[Tuple[int, int]]
@@ -129,7 +129,7 @@ def score(
         norms_arg = torch.empty(1, dtype=torch.float32, device=device) if inv_norms is None else inv_norms
         best_arg = torch.empty(1, dtype=torch.int64, device=device) if cell_best is None else cell_best
         with launch_guard(tokens):
-            wrap_triton(_score_kernel)[grid](
+            launch(_score_kernel)[grid](
                 tokens, anchors, table, scores, cells, norms_arg, best_arg,
                 padded_width(dim), tokens.stride(0), anchors.stride(0), BLOCK_T=block_t, BLOCK_D=block_d,
                 WRITE_NORMS=inv_norms is not None, CELL_BEST=cell_best is not None, num_warps=4,
