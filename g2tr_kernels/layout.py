@@ -212,6 +212,23 @@ def rebuild_padded(
     )
 
 
+def gather_columns(values: torch.Tensor, index: torch.Tensor, fill=0) -> torch.Tensor:
+    """Any per-token tensor [..., B, L] taken at the kept columns: [..., B, L'].
+
+    index: PaddedLayout.index (the original column of each new column, -1 on new padding,
+    which gets `fill`). For inputs rebuild_padded does not name: token_type_ids,
+    mm_token_type_ids, 3-D M-RoPE position ids.
+    """
+    if values.shape[-2] != index.shape[0]:
+        raise ValueError(
+            f"g2tr.layout.gather_columns: values of shape {list(values.shape)} do not have the batch of the "
+            f"index {list(index.shape)}"
+        )
+    index = index.to(values.device)
+    taken = values.gather(-1, index.clamp(min=0).expand(*values.shape[:-2], *index.shape))
+    return taken.masked_fill(index < 0, fill)
+
+
 def image_runs(input_ids: torch.Tensor, image_token_id: int) -> List[List[int]]:
     """Lengths of the contiguous runs of image_token_id in each row (handy for checks)."""
     runs = []
@@ -227,4 +244,4 @@ def image_runs(input_ids: torch.Tensor, image_token_id: int) -> List[List[int]]:
     return runs
 
 
-__all__ = ["PackedLayout", "PaddedLayout", "flattened_position_ids", "image_runs", "rebuild_packed", "rebuild_padded"]
+__all__ = ["PackedLayout", "PaddedLayout", "flattened_position_ids", "gather_columns", "image_runs", "rebuild_packed", "rebuild_padded"]

@@ -1,18 +1,27 @@
 """G2TR inside a Hugging Face transformers VLM, in one call.
 
     from g2tr_kernels.integrations.hf import apply_g2tr
-    handle = apply_g2tr(model, vae=vae, keep_ratio=0.5)      # model: InternVL / LLaVA ...ForConditionalGeneration
+    handle = apply_g2tr(model, vae=vae, keep_ratio=0.5)      # model: a ...ForConditionalGeneration
     out = model(**inputs, vae_pixel_values=images)            # images for the VAE, [-1, 1]
     ids = model.generate(**inputs, vae_pixel_values=images, max_new_tokens=64)
+    with handle.disabled(): ...                               # the plain model, patch still in place
     handle.remove()                                           # back to the plain model
+
+Which families are reduced, and how, is the table in hf_support.py (rendered in the README):
+apply_g2tr looks the model up there and refuses, with NotImplementedError naming the
+model_type, every model it cannot reduce exactly. Never a silently different result.
 
 What happens on a call that carries pixel_values (the prefill):
   1. the model's own get_image_features runs (vision tower + projector): N tokens per image;
   2. the VAE encodes the images -> anchors (g2tr_kernels.anchors, projection "interpolate"
      to the LLM width by default, or a module such as BAGEL's vae2llm);
   3. g2tr_kernels.reduce keeps K of N tokens per image and merges the rest into them;
-  4. input_ids / attention_mask / position_ids / labels are rebuilt (g2tr_kernels.layout):
-     every run of N image-context tokens becomes K;
+  4. input_ids, attention_mask, position_ids, labels and the family's other per-token inputs
+     (token_type_ids, mm_token_type_ids) are taken at the kept positions (g2tr_kernels.layout):
+     every run of N image-context tokens becomes K; tokens that are not image-context tokens
+     (row breaks, image start / end markers) are all kept. M-RoPE models (Qwen2-VL family)
+     get their 3-D position ids from their own get_rope_index on the unreduced prompt, taken
+     at the kept positions, and rope_deltas that continue the sequence while decoding;
   5. the unmodified model runs on the shorter prompt with the reduced features passed as
      mm_encoder_outputs, so the language model (and its KV cache) sees K tokens per image.
 Calls without pixel_values (decode steps, text only) pass through untouched.
@@ -20,22 +29,21 @@ Calls without pixel_values (decode steps, text only) pass through untouched.
 Where the VAE images come from, in order: the vae_pixel_values= argument of forward /
 generate; handle.images(...) used as a context manager; else the pixel_values the VLM got,
 mapped back to [-1, 1] with the image_mean / image_std given to apply_g2tr (without them,
-a ValueError: the VLM's normalised pixels are not VAE input). One VAE image per vision-tower image (per tile for InternVL).
+a ValueError: the VLM's normalised pixels are not VAE input). One VAE image per
+vision-tower image (per tile for InternVL).
 
 generate() returns the ORIGINAL prompt followed by the new tokens (so slicing
-output[:, input_ids.shape[1]:] still gives the answer); restore_prompt=False returns the
-reduced prompt instead. forward() returns logits over the reduced sequence; handle.last
-holds the reduction (reduce output, grids, layout with the column map) of the last call.
+output[:, input_ids.shape[1]:] still gives the answer); apply_g2tr(..., restore_prompt=False)
+returns the reduced prompt instead. forward() returns logits over the reduced sequence;
+handle.last holds the reduction (reduce output, grids, layout with the column map) of the
+last call.
 
-Models whose forward accepts mm_encoder_outputs and that expose get_image_features with
-one square grid of tokens per image work (InternVL, LLaVA); pass grids= for other
-shapes. Models with multimodal RoPE ids (Qwen2-VL family) are refused: their position ids
-are computed from the unreduced token grid inside the model.
+The patch is an attribute of the model instance that copy.deepcopy and pickle carry over
+(the copy reduces with its own weights). Apply it before torch.compile.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -45,10 +53,12 @@ import torch
 
 from .. import ops
 from ..anchors import Projection, anchors_from_vae
-from ..layout import PaddedLayout, rebuild_padded
+from ..layout import PaddedLayout, gather_columns, rebuild_padded
+from .hf_support import Family, resolve
 
-_MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "glm4v", "glm4v_moe")
-_VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+# Arguments with one entry per image or video, never per prompt token.
+_PER_IMAGE_ARGUMENTS = ("image_grid_thw", "video_grid_thw", "image_sizes", "second_per_grid_ts", "pixel_values_videos",
+                        "pixel_attention_mask")
 
 GridFn = Callable[[List[int]], Sequence[Tuple[int, int]]]
 
@@ -83,6 +93,7 @@ class Reduction:
 class G2TRHandle:
     model: Any
     vae: Any
+    family: Family
     keep_ratio: float = 0.5
     min_keep: int = 32
     merge_weight: float = 1.0
@@ -96,6 +107,7 @@ class G2TRHandle:
     grids: Optional[GridFn] = None
     backend: str = "auto"
     restore_prompt: bool = True
+    enabled: bool = True
     last: Optional[Reduction] = None
     _pending: List[Any] = field(default_factory=list)
     _originals: Dict[str, Any] = field(default_factory=dict)
@@ -135,6 +147,15 @@ class G2TRHandle:
         finally:
             self._pending.pop()
 
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the plain model inside the block; G2TR stays applied and is back after it."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = previous
+
     def remove(self) -> None:
         """Undo apply_g2tr: the model's own forward and generate come back."""
         for name in ("forward", "generate"):
@@ -156,28 +177,48 @@ class G2TRHandle:
         labels: Optional[torch.Tensor] = None,
         vae_pixel_values=None,
         padding_side: str = "right",
-        **vision_kwargs,
+        **other,
     ) -> Dict[str, Any]:
-        """Runs steps 1-4; returns the keyword arguments for the unmodified forward/generate."""
+        """Runs steps 1-4; returns the keyword arguments for the unmodified forward.
+
+        other: the call's remaining arguments (vision kwargs such as image_grid_thw, per-token
+        inputs such as token_type_ids); the result replaces the ones it rebuilds.
+        """
+        arguments = dict(other, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                         position_ids=position_ids, labels=labels)
+        return self._prepare(arguments, vae_pixel_values, padding_side, for_generate=False)
+
+    # -- internals ------------------------------------------------------------------------
+    def _prepare(self, arguments: Dict[str, Any], vae_pixel_values, padding_side: str, for_generate: bool):
+        """Pops what it consumes from `arguments`; returns the arguments for the plain model."""
+        family = self.family
+        input_ids = arguments.pop("input_ids", None)
+        pixel_values = arguments.pop("pixel_values")
         if input_ids is None:
             raise NotImplementedError("g2tr.hf: reducing needs input_ids (to find the image tokens), not inputs_embeds")
-        vision_kwargs = {k: v for k, v in vision_kwargs.items() if v is not None}
+        if arguments.get("mm_encoder_outputs") is not None:
+            raise ValueError("g2tr.hf: pass pixel_values or mm_encoder_outputs, not both")
+        attention_mask = arguments.pop("attention_mask", None)
+        position_ids = arguments.pop("position_ids", None)
+        labels = arguments.pop("labels", None)
+        mrope = "get_rope_index" in family.handles
+        cache = arguments.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+        vision_kwargs = {k: arguments[k] for k in family.vision_kwargs if arguments.get(k) is not None}
         encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         features, lengths, as_tensor = _pack(encoded.pooler_output)
-        grids = list(self.grids(lengths) if self.grids is not None else square_grids(lengths))
+        grids = self._grids(lengths, arguments)
         if [h * w for h, w in grids] != lengths:
             raise ValueError(f"g2tr.hf: grids {grids} do not match the tokens per image {lengths}")
 
-        images = self._vae_images(vae_pixel_values, pixel_values)
+        images = self._vae_images(vae_pixel_values, pixel_values, arguments)
         n_images = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
         if n_images != len(lengths):
             raise ValueError(
                 f"g2tr.hf: {n_images} VAE images for {len(lengths)} vision-tower images; give one per image (tile)"
             )
-        anchors, anchor_grids = anchors_from_vae(
-            self.vae, images, projection=self.projection, patch=self.patch, pool=self.pool, dim=self.hidden_size,
-            sample=self.sample, scale=self.scale_latents,
-        )
+        anchors, anchor_grids = self._anchors(images)
         anchors = anchors.to(device=features.device, dtype=features.dtype)
         out = ops.reduce(
             features, anchors, grids, anchor_grids, keep_ratio=self.keep_ratio, min_keep=self.min_keep,
@@ -190,6 +231,14 @@ class G2TRHandle:
             # A prefill after cached turns: the mask also covers the cache, which is not rebuilt.
             past_mask = attention_mask[:, : -input_ids.shape[-1]]
             attention_mask = attention_mask[:, -input_ids.shape[-1] :]
+        if mrope and (past or past_mask is not None):
+            raise NotImplementedError(
+                f"g2tr.hf: {family.model_type}: a prefill with images after cached turns is not reduced (its M-RoPE "
+                "ids continue the cache); run the images in the first turn"
+            )
+        rope_positions = rope_deltas = None
+        if mrope and position_ids is None:
+            rope_positions, rope_deltas = self._rope_index(input_ids, attention_mask, arguments)
         layout = rebuild_padded(
             input_ids, out.keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
             labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
@@ -200,15 +249,83 @@ class G2TRHandle:
         new_mask = layout.attention_mask
         if past_mask is not None:
             new_mask = torch.cat([past_mask, new_mask.to(past_mask.dtype)], dim=-1)
-        result = {"input_ids": layout.input_ids, "attention_mask": new_mask, "mm_encoder_outputs": {"image": encoded}}
+        result = {"input_ids": layout.input_ids, "attention_mask": new_mask}
+        mm = {"image": encoded}
+        if "videos" in family.handles and arguments.get("pixel_values_videos") is not None:
+            # Videos are not reduced; they are encoded here because the model takes either
+            # pixel values or encoder outputs, not both.
+            mm["video"] = self.model.get_video_features(
+                arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
+            )
+        result["mm_encoder_outputs"] = mm
+        for name in family.rebuilt:
+            if name in ("attention_mask", "position_ids", "labels"):
+                continue
+            value = arguments.pop(name, None)
+            if value is not None:
+                result[name] = gather_columns(value, layout.index, 0)
+        _refuse_unrebuilt(arguments, input_ids)
         if position_ids is not None:
             result["position_ids"] = layout.position_ids
         if labels is not None:
             result["labels"] = layout.labels
+        if rope_positions is not None:
+            positions = gather_columns(rope_positions, layout.index, 0)
+            # The next position after each row is its largest id + 1, now reached after fewer tokens.
+            dropped = (~layout.keep).sum(-1, keepdim=True).to(rope_deltas.device)
+            _inner(self.model).rope_deltas = rope_deltas + dropped
+            if for_generate:
+                # generate's own layout: text positions first ([4, B, L]); it adds 1 per new token.
+                text = layout.attention_mask.long().cumsum(-1) - 1
+                text = text.masked_fill(layout.attention_mask == 0, 0)
+                positions = torch.cat([text[None].to(positions), positions], dim=0)
+            result["position_ids"] = positions
         return result
 
-    # -- internals ------------------------------------------------------------------------
-    def _vae_images(self, vae_pixel_values, pixel_values):
+    def _grids(self, lengths: List[int], arguments) -> List[Tuple[int, int]]:
+        kind, config = self.family.grids, self.model.config
+        if kind == "square":
+            return list(self.grids(lengths) if self.grids is not None else square_grids(lengths))
+        if kind == "image_sizes":
+            sizes = arguments.get("image_sizes")
+            if sizes is None:
+                raise ValueError(f"g2tr.hf: {self.family.model_type} needs image_sizes to know each image's grid")
+            ratio = int(config.vision_config.patch_size) * int(getattr(config, "spatial_merge_size", 1))
+            return [(int(h) // ratio, int(w) // ratio) for h, w in _host(sizes)]
+        if kind == "grid_thw":
+            thw = arguments.get("image_grid_thw")
+            if thw is None:
+                raise ValueError(f"g2tr.hf: {self.family.model_type} needs image_grid_thw to know each image's grid")
+            merge = int(config.vision_config.spatial_merge_size)
+            grids = []
+            for b, (t, h, w) in enumerate(_host(thw)):
+                if int(t) != 1:
+                    raise ValueError(f"g2tr.hf: image {b} has {t} temporal patches; an image has 1")
+                grids.append((int(h) // merge, int(w) // merge))
+            return grids
+        raise AssertionError(kind)
+
+    def _rope_index(self, input_ids, attention_mask, arguments):
+        """The model's own 3-D M-RoPE ids [3, B, L] and rope_deltas [B, 1] for the UNREDUCED prompt."""
+        mm_token_type_ids = arguments.get("mm_token_type_ids")
+        if mm_token_type_ids is None:
+            raise ValueError(
+                f"g2tr.hf: {self.family.model_type} needs mm_token_type_ids (its processor returns them) for its "
+                "M-RoPE ids"
+            )
+        get_rope_index = _inner(self.model).get_rope_index
+        accepted = inspect.signature(get_rope_index).parameters
+        extra = {k: arguments.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in accepted}
+        return get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, **extra)
+
+    def _anchors(self, images):
+        # The one place anchors are built from the VAE images.
+        return anchors_from_vae(
+            self.vae, images, projection=self.projection, patch=self.patch, pool=self.pool, dim=self.hidden_size,
+            sample=self.sample, scale=self.scale_latents,
+        )
+
+    def _vae_images(self, vae_pixel_values, pixel_values, arguments):
         if vae_pixel_values is None and self._pending:
             vae_pixel_values = self._pending[-1]
         if vae_pixel_values is not None:
@@ -220,35 +337,36 @@ class G2TRHandle:
                 "g2tr.hf: no images for the VAE: pass vae_pixel_values= (or use handle.images(...)), or give "
                 "apply_g2tr(..., image_mean=..., image_std=...) so the VLM's pixel_values can be mapped back"
             )
+        if self.family.grids == "grid_thw" or pixel_values.dim() != 4:
+            raise ValueError(
+                f"g2tr.hf: {self.family.model_type} gets its pixel_values as patches, not images; pass the images "
+                "for the VAE as vae_pixel_values="
+            )
         images = pixel_values.float()
         mean = torch.as_tensor(self.image_mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
         std = torch.as_tensor(self.image_std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-        return (images * std + mean) * 2.0 - 1.0  # processor space -> [0, 1] -> the VAE's [-1, 1]
+        images = (images * std + mean) * 2.0 - 1.0  # processor space -> [0, 1] -> the VAE's [-1, 1]
+        if self.family.grids == "image_sizes":
+            # A padded batch: each image sits in the top-left corner of its slot.
+            return [img[:, : int(h), : int(w)] for img, (h, w) in zip(images, _host(arguments["image_sizes"]))]
+        return images
 
-    def _forward(self, original, signature, *args, **kwargs):
+    def _call_forward(self, original, signature, args, kwargs):
+        if not self.enabled:
+            return original(*args, **kwargs)
         vae_pixel_values = kwargs.pop("vae_pixel_values", None)
         arguments = signature.bind_partial(*args, **kwargs).arguments
         extra = arguments.pop("kwargs", {})
         arguments.update(extra)
         if arguments.get("pixel_values") is None:
             return original(**arguments)
-        if arguments.get("mm_encoder_outputs") is not None:
-            raise ValueError("g2tr.hf: pass pixel_values or mm_encoder_outputs, not both")
-        mask = arguments.pop("attention_mask", None)
-        reduced = self.reduce_inputs(
-            input_ids=arguments.pop("input_ids", None),
-            pixel_values=arguments.pop("pixel_values"),
-            attention_mask=mask,
-            position_ids=arguments.pop("position_ids", None),
-            labels=arguments.pop("labels", None),
-            vae_pixel_values=vae_pixel_values,
-            padding_side=_padding_side(mask),
-            **{k: arguments.get(k) for k in _VISION_KWARGS},
-        )
-        arguments.update(reduced)
+        padding_side = _padding_side(arguments.get("attention_mask"))
+        arguments.update(self._prepare(arguments, vae_pixel_values, padding_side, for_generate=False))
         return original(**arguments)
 
-    def _generate(self, original, *args, **kwargs):
+    def _call_generate(self, original, args, kwargs):
+        if not self.enabled:
+            return original(*args, **kwargs)
         vae_pixel_values = kwargs.pop("vae_pixel_values", None)
         if args:
             input_ids, args = args[0], args[1:]
@@ -258,22 +376,46 @@ class G2TRHandle:
                 input_ids = kwargs.pop("inputs", None)
         if kwargs.get("pixel_values") is None or input_ids is None:
             return original(*args, **kwargs) if input_ids is None else original(input_ids, *args, **kwargs)
-        mask = kwargs.pop("attention_mask", None)
-        reduced = self.reduce_inputs(
-            input_ids=input_ids,
-            pixel_values=kwargs.pop("pixel_values"),
-            attention_mask=mask,
-            vae_pixel_values=vae_pixel_values,
-            # Batched generation appends on the right, so new padding goes on the left.
-            padding_side="left",
-            **{k: kwargs.get(k) for k in _VISION_KWARGS},
-        )
+        kwargs["input_ids"] = input_ids
+        # Batched generation appends on the right, so new padding goes on the left.
+        reduced = self._prepare(kwargs, vae_pixel_values, "left", for_generate=True)
         reduced_ids = reduced.pop("input_ids")
+        kwargs.update(reduced)
         # generate's first parameter takes the ids, so positional arguments after it still line up.
-        out = original(reduced_ids, *args, **reduced, **kwargs)
+        out = original(reduced_ids, *args, **kwargs)
         if not self.restore_prompt:
             return out
         return _restore_prompt(out, input_ids, reduced_ids.shape[-1])
+
+
+class _Patched:
+    """model.forward / model.generate while G2TR is applied.
+
+    An object holding the handle, not a closure over the bound method: copy.deepcopy and
+    pickle copy it with the model, and the copy calls its own model's method (its own weights).
+    """
+
+    def __init__(self, handle: G2TRHandle, name: str, previous):
+        self.handle, self.name, self.previous = handle, name, previous
+
+    def _original(self):
+        if self.previous is not None:  # an instance attribute that was there before (accelerate hooks)
+            return self.previous
+        return getattr(type(self.handle.model), self.name).__get__(self.handle.model)
+
+    @property
+    def __signature__(self):  # generate() inspects forward's parameters
+        return inspect.signature(self._original())
+
+    @property
+    def __doc__(self):
+        return self._original().__doc__
+
+    def __call__(self, *args, **kwargs):
+        original = self._original()
+        if self.name == "forward":
+            return self.handle._call_forward(original, inspect.signature(original), args, kwargs)
+        return self.handle._call_generate(original, args, kwargs)
 
 
 def apply_g2tr(
@@ -300,15 +442,17 @@ def apply_g2tr(
     the anchor recipe of g2tr_kernels.anchors (InternVL-U: "interpolate", 1, 1; BAGEL:
     its vae2llm Linear, 2, 2). image_mean / image_std: the VLM processor's normalisation,
     used to hand the VLM's pixel_values to the VAE when no vae_pixel_values are given.
-    grids: callable(tokens per image) -> [(h, w), ...] when the grids are not square.
-    Patches model.forward and model.generate on this instance; returns a handle (.remove()).
+    grids: callable(tokens per image) -> [(h, w), ...] for families whose tokens form one
+    grid per image (square by default). restore_prompt: generate() returns the original
+    prompt (True) or the reduced one (False) in front of the new tokens.
+    Patches model.forward and model.generate on this instance; returns a handle
+    (.remove(), .disabled(), .last). Raises NotImplementedError for a model it cannot
+    reduce exactly (see hf_support.FAMILIES).
     """
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in _MROPE_MODEL_TYPES:
-        raise NotImplementedError(
-            f"g2tr.hf: {model_type} computes multimodal RoPE ids from the unreduced token grid inside the model; "
-            "reduce its features with g2tr_kernels.reduce and rebuild position ids with g2tr_kernels.layout instead"
-        )
+    dynamo = getattr(torch, "_dynamo", None)
+    optimized = getattr(getattr(dynamo, "eval_frame", None), "OptimizedModule", ())
+    if (optimized and isinstance(model, optimized)) or getattr(model, "_compiled_call_impl", None) is not None:
+        raise TypeError("g2tr.hf: the model is already compiled; apply before torch.compile (apply_g2tr, then compile)")
     if not callable(getattr(model, "get_image_features", None)):
         raise TypeError(
             f"g2tr.hf: {type(model).__name__} has no get_image_features(); pass the ...ForConditionalGeneration model"
@@ -319,39 +463,51 @@ def apply_g2tr(
         )
     if getattr(model, "_g2tr_handle", None) is not None:
         raise RuntimeError("g2tr.hf: G2TR is already applied to this model; call handle.remove() first")
+    family = resolve(model)  # NotImplementedError now, not at the first call
     ops.budgets([1], keep_ratio, min_keep)  # validates keep_ratio / min_keep now, not at the first call
+    if grids is not None and family.grids != "square":
+        raise ValueError(f"g2tr.hf: {family.model_type} takes its grids from its inputs; grids= is not used")
 
     handle = G2TRHandle(
-        model=model, vae=vae, keep_ratio=keep_ratio, min_keep=min_keep, merge_weight=merge_weight,
+        model=model, vae=vae, family=family, keep_ratio=keep_ratio, min_keep=min_keep, merge_weight=merge_weight,
         projection=projection, patch=patch, pool=pool, image_mean=image_mean, image_std=image_std, sample=sample,
         scale_latents=scale_latents, grids=grids, backend=backend, restore_prompt=restore_prompt,
     )
     _ = handle.image_token_id  # fails now, not at the first call, on configs without an image token
 
-    original_forward = model.forward
-    signature = inspect.signature(original_forward)
-
-    @functools.wraps(original_forward)
-    def forward(*args, **kwargs):
-        return handle._forward(original_forward, signature, *args, **kwargs)
-
-    patches = [("forward", forward)]
-    original_generate = getattr(model, "generate", None)
-    if callable(original_generate):  # the bare ...Model classes have no generate
-
-        @functools.wraps(original_generate)
-        def generate(*args, **kwargs):
-            return handle._generate(original_generate, *args, **kwargs)
-
-        patches.append(("generate", generate))
-
+    names = ["forward"] + (["generate"] if callable(getattr(model, "generate", None)) else [])  # bare ...Model: no generate
     # Instance attributes shadow the class methods; nn.Module.__call__ and generate() look
-    # forward up on the instance, and functools.wraps keeps the signature generate inspects.
-    for name, fn in patches:
-        handle._originals[name] = model.__dict__.get(name)
-        model.__dict__[name] = fn
+    # forward up on the instance.
+    for name in names:
+        previous = model.__dict__.get(name)
+        handle._originals[name] = previous
+        model.__dict__[name] = _Patched(handle, name, previous)
     model._g2tr_handle = handle
     return handle
+def _inner(model):
+    """The ...Model inside a ...ForConditionalGeneration (it holds get_rope_index and rope_deltas)."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "get_rope_index") else model
+
+
+def _host(values) -> List[List[int]]:
+    """Per-image sizes as host ints (processors return them on the CPU, so this reads no device)."""
+    if isinstance(values, torch.Tensor):
+        return values.tolist()
+    return [list(v) for v in values]
+
+
+def _refuse_unrebuilt(arguments: Dict[str, Any], input_ids: torch.Tensor) -> None:
+    # A per-token input that the family's row does not rebuild would reach the model with the
+    # unreduced length: an error here, not a wrong result or a shape error deep in the model.
+    for name, value in arguments.items():
+        if name in _PER_IMAGE_ARGUMENTS:
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[-2:]) == tuple(input_ids.shape):
+            raise ValueError(
+                f"g2tr.hf: {name} has one entry per prompt token and is not rebuilt for the reduced prompt; "
+                "drop it or reduce by hand (g2tr_kernels.layout.gather_columns)"
+            )
 
 
 def _text_config(model):
