@@ -115,15 +115,18 @@ def mistral3_case():
     return Case(model, inputs, vae, grids, vision_kwargs=dict(image_sizes=inputs["image_sizes"]), pool=2)
 
 
-def _qwen_case(config_cls, model_cls):
+QWEN_VISION = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                   temporal_patch_size=2, out_hidden_size=32, intermediate_size=64, fullatt_block_indexes=[0],
+                   window_size=16)
+
+
+def _qwen_case(config_cls, model_cls, vision=QWEN_VISION, text=()):
     # 4 px patches, 2 x 2 merge: a 32 x 32 image -> 8 x 8 patches -> 4 x 4 tokens, 32 x 48 -> 4 x 6
     torch.manual_seed(0)
     config = config_cls(
         text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         bos_token_id=1, eos_token_id=2, **TEXT),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
-                           temporal_patch_size=2, out_hidden_size=32, intermediate_size=64, fullatt_block_indexes=[0],
-                           window_size=16),
+                         bos_token_id=1, eos_token_id=2, **dict(text), **TEXT),
+        vision_config=vision,
         image_token_id=IMG, video_token_id=VID, vision_start_token_id=BOI, vision_end_token_id=EOI,
     )
     model = model_cls(config).eval()
@@ -152,12 +155,21 @@ def qwen2_5_vl_case():
     return _qwen_case(transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration)
 
 
+def qwen3_vl_case():
+    # deepstack: the vision tower's layer-0 features are added at the image positions in the LM
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return _qwen_case(transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, vision,
+                      text=dict(head_dim=16))
+
+
 CASES = {
     "gemma3": gemma3_case,
     "paligemma": paligemma_case,
     "mistral3": mistral3_case,
     "qwen2_vl": qwen2_vl_case,
     "qwen2_5_vl": qwen2_5_vl_case,
+    "qwen3_vl": qwen3_vl_case,
 }
 
 
@@ -193,8 +205,9 @@ def hand_reduced(case, keep_ratio, generate=False):
     """The plain model's keyword arguments for the prompt reduced by hand."""
     model, inputs = case.model, case.inputs
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True,
-                                         **case.vision_kwargs).pooler_output
+        encoded = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True,
+                                           **case.vision_kwargs)
+        feats = encoded.pooler_output
         as_tensor = isinstance(feats, torch.Tensor)
         packed = feats.reshape(-1, feats.shape[-1]) if as_tensor else torch.cat(list(feats))
         d = packed.shape[-1]
@@ -203,11 +216,14 @@ def hand_reduced(case, keep_ratio, generate=False):
         out = g2tr.reduce(packed, anchors, case.grids, anchor_grids, keep_ratio, min_keep=1)
     kept = g2tr.budgets([h * w for h, w in case.grids], keep_ratio, 1)
     merged = out.merged.reshape(len(kept), kept[0], d) if as_tensor else list(torch.split(out.merged, kept))
+    encoded.pooler_output = merged
+    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL
+        encoded.deepstack_features = [merge_like(torch.cat(layer), out) for layer in encoded.deepstack_features]
     columns = kept_columns(inputs["input_ids"], out.keep_idx)
     reduced = dict(
         input_ids=take(inputs["input_ids"], columns, PAD),
         attention_mask=take(inputs["attention_mask"], columns, 0),
-        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=merged)},
+        mm_encoder_outputs={"image": encoded},
     )
     for name in case.per_token:
         reduced[name] = take(inputs[name], columns, 0)
@@ -226,6 +242,15 @@ def hand_reduced(case, keep_ratio, generate=False):
         dropped = torch.tensor([inputs["input_ids"].shape[1] - len(c) for c in columns])[:, None]
         reduced["_rope_deltas"] = deltas + dropped
     return reduced, out, kept
+
+
+def merge_like(values, out):
+    """Per-token features merged by the reduce output's assignment, token by token (weight 1)."""
+    rows = [[] for _ in range(out.keep_idx.numel())]
+    for j, k in enumerate(out.assign.tolist()):
+        rows[k].append(values[j].double())
+    merged = torch.stack([torch.stack(r).mean(0) for r in rows]).to(values.dtype)
+    return list(torch.split(merged, torch.diff(out.cu_seqlens).tolist()))
 
 
 def build(name):
@@ -394,17 +419,6 @@ def _llava_next(cls_name, config_name, **extra):
     return getattr(transformers, cls_name)(config)
 
 
-def _qwen3_vl():
-    config = transformers.Qwen3VLConfig(
-        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         head_dim=16, **TEXT),
-        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
-                           patch_size=4, deepstack_visual_indexes=[0]),
-        image_token_id=IMG,
-    )
-    return transformers.Qwen3VLForConditionalGeneration(config)
-
-
 def _idefics3():
     config = transformers.Idefics3Config(
         text_config=dict(model_type="llama", **TEXT),
@@ -417,7 +431,6 @@ REFUSED = {
     "llava_next": (lambda: _llava_next("LlavaNextForConditionalGeneration", "LlavaNextConfig"), "image_newline"),
     "llava_onevision": (lambda: _llava_next("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig"),
                         "image_newline"),
-    "qwen3_vl": (_qwen3_vl, "deepstack"),
     "idefics3": (_idefics3, "per prompt"),
 }
 

@@ -246,6 +246,13 @@ class G2TRHandle:
         self.last = Reduction(out, grids, anchor_grids, layout, lengths, kept)
 
         encoded.pooler_output = _unpack(out.merged, kept, as_tensor)
+        if getattr(encoded, "deepstack_features", None) is not None:
+            # Qwen3-VL adds these per-token features at the image positions in its first
+            # layers: each layer's are merged with the same assignment as the tokens.
+            encoded.deepstack_features = [
+                _unpack(merge_by_assignment(_pack(layer)[0], out, self.merge_weight), kept, False)
+                for layer in encoded.deepstack_features
+            ]
         new_mask = layout.attention_mask
         if past_mask is not None:
             new_mask = torch.cat([past_mask, new_mask.to(past_mask.dtype)], dim=-1)
@@ -484,6 +491,18 @@ def apply_g2tr(
         model.__dict__[name] = _Patched(handle, name, previous)
     model._g2tr_handle = handle
     return handle
+def merge_by_assignment(values: torch.Tensor, out: ops.ReduceOutput, merge_weight: float = 1.0) -> torch.Tensor:
+    """Other per-token features [N, F] merged exactly as reduce merged the tokens (SPEC.md §4):
+    row k = (merge_weight * v_k + sum of the v_j assigned to k) / (merge_weight + n_k), in fp32."""
+    weight = torch.ones(values.shape[0], dtype=torch.float32, device=values.device)
+    weight[out.keep_idx.to(values.device)] = merge_weight
+    assign = out.assign.to(values.device)
+    rows = out.keep_idx.shape[0]
+    total = values.new_zeros(rows, values.shape[-1], dtype=torch.float32).index_add_(0, assign, values.float() * weight[:, None])
+    count = weight.new_zeros(rows).index_add_(0, assign, weight)
+    return (total / count[:, None]).to(values.dtype)
+
+
 def _inner(model):
     """The ...Model inside a ...ForConditionalGeneration (it holds get_rope_index and rope_deltas)."""
     inner = getattr(model, "model", None)
@@ -556,4 +575,4 @@ def _restore_prompt(out, input_ids: torch.Tensor, reduced_length: int):
     return out
 
 
-__all__ = ["G2TRHandle", "Reduction", "apply_g2tr", "square_grids"]
+__all__ = ["G2TRHandle", "Reduction", "apply_g2tr", "merge_by_assignment", "square_grids"]

@@ -79,9 +79,13 @@ FAMILIES: Dict[str, Family] = {
         _row("idefics3", PER_PROMPT, None, refused="image features come grouped per prompt and padded images "
              "need pixel_attention_mask; not reduced in one call yet"),
         _row("smolvlm", PER_PROMPT, None, refused="as idefics3; not reduced in one call yet"),
-        _row("qwen3_vl", MROPE, None, refused="M-RoPE plus deepstack visual features injected into the "
-             "language model at the image positions; not reduced in one call yet"),
-        _row("qwen3_vl_moe", MROPE, None, refused="as qwen3_vl"),
+        _row("qwen3_vl", MROPE, "grid_thw", rebuilt=("mm_token_type_ids", "deepstack features"),
+             handles={"get_rope_index", "mm_token_type_ids", "image_grid_thw", "videos", "deepstack"},
+             vision_kwargs=("image_grid_thw",),
+             notes="as qwen2_vl; each deepstack layer's features are merged with the tokens' assignment"),
+        _row("qwen3_vl_moe", MROPE, "grid_thw", rebuilt=("mm_token_type_ids", "deepstack features"),
+             handles={"get_rope_index", "mm_token_type_ids", "image_grid_thw", "videos", "deepstack"},
+             vision_kwargs=("image_grid_thw",), notes="as qwen3_vl"),
     )
 }
 
