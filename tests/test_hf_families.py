@@ -41,6 +41,7 @@ class Case:
     per_token: tuple = ()  # inputs with one entry per prompt token, besides input_ids / attention_mask
     mrope: bool = False
     pool: int = 4
+    anyres: bool = False  # parts per image: base tile + unpadded grid, newline tokens kept
 
 
 def left_pad(rows, fill=PAD):
@@ -163,6 +164,42 @@ def qwen3_vl_case():
                       text=dict(head_dim=16))
 
 
+def _anyres_case(cls_name, config_name, batch_num_images=None, **extra):
+    # CLIP on 32 px tiles, 8 px patches: a 4 x 4 base tile per image, plus for a multi-tile
+    # image its unpadded grid (30 x 60 px -> 4 x 8, 20 x 32 -> 2 x 4, 64 x 64 -> 8 x 8) with an
+    # image_newline token after each row
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(
+        text_config=dict(model_type="llama", **TEXT),
+        vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=8, projection_dim=32, **VISION),
+        image_token_index=IMG, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-1, vision_feature_select_strategy="default", **extra,
+    )
+    model = getattr(transformers, cls_name)(config).eval()
+    sizes = torch.tensor([[30, 60], [20, 32], [64, 64]])
+    torch.manual_seed(1)
+    px = torch.randn(3, 5, 3, 32, 32)
+    vision_kwargs = dict(image_sizes=sizes)
+    if batch_num_images is not None:
+        vision_kwargs["batch_num_images"] = torch.tensor(batch_num_images)
+    with torch.no_grad():
+        lengths = [len(f) for f in model.get_image_features(pixel_values=px, return_dict=True,
+                                                            **vision_kwargs).pooler_output]
+    ids = left_pad([[1, 2] + [IMG] * lengths[0] + [3], [4] + [IMG] * lengths[1] + [5] + [IMG] * lengths[2] + [6]])
+    vae = [torch.randn(3, int(h), int(w)) for h, w in sizes]
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=px, **vision_kwargs)
+    return Case(model, inputs, vae, None, vision_kwargs=vision_kwargs, pool=2, anyres=True)
+
+
+def llava_next_case():
+    return _anyres_case("LlavaNextForConditionalGeneration", "LlavaNextConfig")
+
+
+def llava_onevision_case():
+    # the second prompt has two images: OneVision gives those the base tile only (+ one newline)
+    return _anyres_case("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", batch_num_images=[1, 2])
+
+
 CASES = {
     "gemma3": gemma3_case,
     "paligemma": paligemma_case,
@@ -170,6 +207,8 @@ CASES = {
     "qwen2_vl": qwen2_vl_case,
     "qwen2_5_vl": qwen2_5_vl_case,
     "qwen3_vl": qwen3_vl_case,
+    "llava_next": llava_next_case,
+    "llava_onevision": llava_onevision_case,
 }
 
 
@@ -213,6 +252,8 @@ def hand_reduced(case, keep_ratio, generate=False):
         d = packed.shape[-1]
         anchors, anchor_grids = anchors_from_vae(case.model_vae, case.vae_images, projection="interpolate",
                                                  pool=case.pool, dim=d)
+        if case.anyres:
+            return hand_reduced_anyres(case, feats, anchors, anchor_grids, keep_ratio)
         out = g2tr.reduce(packed, anchors, case.grids, anchor_grids, keep_ratio, min_keep=1)
     kept = g2tr.budgets([h * w for h, w in case.grids], keep_ratio, 1)
     merged = out.merged.reshape(len(kept), kept[0], d) if as_tensor else list(torch.split(out.merged, kept))
@@ -241,6 +282,55 @@ def hand_reduced(case, keep_ratio, generate=False):
         reduced["position_ids"] = positions
         dropped = torch.tensor([inputs["input_ids"].shape[1] - len(c) for c in columns])[:, None]
         reduced["_rope_deltas"] = deltas + dropped
+    return reduced, out, kept
+
+
+def anyres_parts(case, feats):
+    """Per image: the 4 x 4 base tile, then (if any) the rows between image_newline tokens."""
+    newline = case.model.model.image_newline
+    parts, fixed, offset = [], [], 0  # parts: (image, global rows, grid)
+    for i, f in enumerate(feats):
+        marks = [c for c in (f == newline).all(-1).nonzero().reshape(-1).tolist()]
+        parts.append((i, list(range(offset, offset + 16)), (4, 4)))
+        start = 16
+        rows = []
+        for m in marks:
+            if m > start:
+                rows.append(list(range(offset + start, offset + m)))
+            start = m + 1
+        if rows:
+            parts.append((i, sum(rows, []), (len(rows), len(rows[0]))))
+        fixed += [offset + m for m in marks]
+        offset += len(f)
+    return parts, fixed
+
+
+def hand_reduced_anyres(case, feats, anchors, anchor_grids, keep_ratio):
+    inputs = case.inputs
+    packed = torch.cat(list(feats))
+    parts, fixed = anyres_parts(case, feats)
+    per_image = list(torch.split(anchors, [h * w for h, w in anchor_grids]))
+    rows = torch.tensor(sum((p[1] for p in parts), []))
+    out = g2tr.reduce(packed[rows], torch.cat([per_image[p[0]] for p in parts]), [p[2] for p in parts],
+                      [anchor_grids[p[0]] for p in parts], keep_ratio, min_keep=1)
+    kept_rows = rows[out.keep_idx]
+    keep = sorted(kept_rows.tolist() + fixed)
+    full = packed.clone()
+    full[kept_rows] = out.merged
+    counts = [0] * len(feats)
+    offsets = [0]
+    for f in feats:
+        offsets.append(offsets[-1] + len(f))
+    for r in keep:
+        counts[max(i for i in range(len(feats)) if offsets[i] <= r)] += 1
+    merged = list(torch.split(full[torch.tensor(keep)], counts))
+    columns = kept_columns(inputs["input_ids"], torch.tensor(keep))
+    reduced = dict(
+        input_ids=take(inputs["input_ids"], columns, PAD),
+        attention_mask=take(inputs["attention_mask"], columns, 0),
+        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=merged)},
+    )
+    kept = g2tr.budgets([h * w for _, _, (h, w) in parts], keep_ratio, 1)
     return reduced, out, kept
 
 
@@ -283,7 +373,11 @@ def test_keep_all_is_the_plain_model(name):
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(gen, ref_gen)
-    assert handle.last.grids == case.grids
+    if not case.anyres:
+        assert handle.last.grids == case.grids
+    else:
+        assert handle.last.grids == [p[2] for p in anyres_parts(case, model.get_image_features(
+            pixel_values=inputs["pixel_values"], return_dict=True, **case.vision_kwargs).pooler_output)[0]]
     if case.mrope:
         assert torch.equal(deltas, ref_deltas)
 
@@ -303,7 +397,9 @@ def test_half_matches_the_prompt_reduced_by_hand(name):
     assert handle.last.kept == kept
     assert torch.equal(handle.last.output.keep_idx, expected.keep_idx)
     assert seen == [reduced["input_ids"].shape[1]]  # the language model sees K tokens per image
-    assert int((handle.last.layout.input_ids == IMG).sum()) == sum(kept)
+    newlines = len(anyres_parts(case, model.get_image_features(
+        pixel_values=inputs["pixel_values"], return_dict=True, **case.vision_kwargs).pooler_output)[1]) if case.anyres else 0
+    assert int((handle.last.layout.input_ids == IMG).sum()) == sum(kept) + newlines  # newlines all kept
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     if case.mrope:
         assert torch.equal(model.model.rope_deltas, deltas)
@@ -410,15 +506,6 @@ def test_a_per_token_input_the_row_does_not_rebuild_is_an_error():
 
 
 # -- refused families ---------------------------------------------------------------------
-def _llava_next(cls_name, config_name, **extra):
-    config = getattr(transformers, config_name)(
-        text_config=dict(model_type="llama", **TEXT),
-        vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=8, projection_dim=32, **VISION),
-        image_token_index=IMG, image_grid_pinpoints=[[32, 32], [32, 64]], **extra,
-    )
-    return getattr(transformers, cls_name)(config)
-
-
 def _idefics3():
     config = transformers.Idefics3Config(
         text_config=dict(model_type="llama", **TEXT),
@@ -428,9 +515,6 @@ def _idefics3():
 
 
 REFUSED = {
-    "llava_next": (lambda: _llava_next("LlavaNextForConditionalGeneration", "LlavaNextConfig"), "image_newline"),
-    "llava_onevision": (lambda: _llava_next("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig"),
-                        "image_newline"),
     "idefics3": (_idefics3, "per prompt"),
 }
 

@@ -58,7 +58,7 @@ from .hf_support import Family, resolve
 
 # Arguments with one entry per image or video, never per prompt token.
 _PER_IMAGE_ARGUMENTS = ("image_grid_thw", "video_grid_thw", "image_sizes", "second_per_grid_ts", "pixel_values_videos",
-                        "pixel_attention_mask")
+                        "pixel_attention_mask", "image_sizes_videos", "batch_num_images")
 
 GridFn = Callable[[List[int]], Sequence[Tuple[int, int]]]
 
@@ -87,6 +87,17 @@ class Reduction:
     layout: PaddedLayout
     lengths: List[int]  # N per image
     kept: List[int]  # K per image
+
+
+@dataclass
+class _Parts:
+    """How an image's features split into grids: one grid per image, or (anyres) several."""
+
+    grids: List[Tuple[int, int]]  # per part
+    image: Optional[List[int]] = None  # image of each part
+    positions: Optional[List[torch.Tensor]] = None  # rows of each part in the packed features (raster)
+    fixed: Optional[torch.Tensor] = None  # rows kept as they are (image_newline tokens)
+    fixed_per_image: Optional[List[int]] = None
 
 
 @dataclass
@@ -208,9 +219,9 @@ class G2TRHandle:
         vision_kwargs = {k: arguments[k] for k in family.vision_kwargs if arguments.get(k) is not None}
         encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         features, lengths, as_tensor = _pack(encoded.pooler_output)
-        grids = self._grids(lengths, arguments)
-        if [h * w for h, w in grids] != lengths:
-            raise ValueError(f"g2tr.hf: grids {grids} do not match the tokens per image {lengths}")
+        parts = self._parts(lengths, arguments)
+        if parts.positions is None and [h * w for h, w in parts.grids] != lengths:
+            raise ValueError(f"g2tr.hf: grids {parts.grids} do not match the tokens per image {lengths}")
 
         images = self._vae_images(vae_pixel_values, pixel_values, arguments)
         n_images = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
@@ -220,11 +231,31 @@ class G2TRHandle:
             )
         anchors, anchor_grids = self._anchors(images)
         anchors = anchors.to(device=features.device, dtype=features.dtype)
+        tokens, grids = features, parts.grids
+        if parts.positions is not None:
+            # Several parts per image (anyres: base tile, unpadded grid): each part is reduced on
+            # its own grid against its image's anchors; the newline tokens are not reduced.
+            per_image = list(torch.split(anchors, [h * w for h, w in anchor_grids]))
+            anchors = torch.cat([per_image[i] for i in parts.image])
+            anchor_grids = [anchor_grids[i] for i in parts.image]
+            index = torch.cat(parts.positions).to(features.device)
+            tokens = features[index]
         out = ops.reduce(
-            features, anchors, grids, anchor_grids, keep_ratio=self.keep_ratio, min_keep=self.min_keep,
+            tokens, anchors, grids, anchor_grids, keep_ratio=self.keep_ratio, min_keep=self.min_keep,
             merge_weight=self.merge_weight, backend=self.backend,
         )
-        kept = ops.budgets(lengths, self.keep_ratio, self.min_keep)  # host ints: no sync
+        part_lengths = [h * w for h, w in grids]
+        kept = ops.budgets(part_lengths, self.keep_ratio, self.min_keep)  # host ints: no sync
+        keep_idx, merged, kept_per_image = out.keep_idx, out.merged, kept
+        if parts.positions is not None:
+            kept_rows = index[out.keep_idx]
+            keep_idx = torch.sort(torch.cat([kept_rows, parts.fixed.to(features.device)])).values
+            full = features.clone()
+            full[kept_rows] = out.merged
+            merged = full[keep_idx]
+            kept_per_image = [parts.fixed_per_image[i] for i in range(len(lengths))]
+            for k, i in zip(kept, parts.image):
+                kept_per_image[i] += k
 
         past_mask = None
         if attention_mask is not None and attention_mask.shape[-1] > input_ids.shape[-1]:
@@ -240,12 +271,12 @@ class G2TRHandle:
         if mrope and position_ids is None:
             rope_positions, rope_deltas = self._rope_index(input_ids, attention_mask, arguments)
         layout = rebuild_padded(
-            input_ids, out.keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
+            input_ids, keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
             labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
         )
-        self.last = Reduction(out, grids, anchor_grids, layout, lengths, kept)
+        self.last = Reduction(out, grids, anchor_grids, layout, part_lengths, kept)
 
-        encoded.pooler_output = _unpack(out.merged, kept, as_tensor)
+        encoded.pooler_output = _unpack(merged, kept_per_image, as_tensor)
         if getattr(encoded, "deepstack_features", None) is not None:
             # Qwen3-VL adds these per-token features at the image positions in its first
             # layers: each layer's are merged with the same assignment as the tokens.
@@ -258,12 +289,17 @@ class G2TRHandle:
             new_mask = torch.cat([past_mask, new_mask.to(past_mask.dtype)], dim=-1)
         result = {"input_ids": layout.input_ids, "attention_mask": new_mask}
         mm = {"image": encoded}
-        if "videos" in family.handles and arguments.get("pixel_values_videos") is not None:
+        if arguments.get("pixel_values_videos") is not None:
+            if family.grids != "grid_thw":
+                raise NotImplementedError(
+                    f"g2tr.hf: {family.model_type}: images and videos in one call are not reduced; pass them in "
+                    "separate calls (videos alone run unreduced)"
+                )
             # Videos are not reduced; they are encoded here because the model takes either
             # pixel values or encoder outputs, not both.
-            mm["video"] = self.model.get_video_features(
-                arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
-            )
+                mm["video"] = self.model.get_video_features(
+                    arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
+                )
         result["mm_encoder_outputs"] = mm
         for name in family.rebuilt:
             if name in ("attention_mask", "position_ids", "labels"):
@@ -288,6 +324,65 @@ class G2TRHandle:
                 positions = torch.cat([text[None].to(positions), positions], dim=0)
             result["position_ids"] = positions
         return result
+
+    def _parts(self, lengths: List[int], arguments) -> "_Parts":
+        if self.family.grids == "anyres":
+            return self._anyres_parts(lengths, arguments)
+        return _Parts(self._grids(lengths, arguments))
+
+    def _anyres_parts(self, lengths: List[int], arguments) -> "_Parts":
+        """LLaVA-NeXT / OneVision: each image's features are a base tile (S x S) and, for a
+        multi-tile image, an unpadded grid whose rows each end in an image_newline token.
+
+        The layout is read by running the model's own pack_image_features on zeros with a
+        newline of ones (on the CPU, from image_sizes: no device read), so it follows the
+        model's unpadding and OneVision's downsampling exactly.
+        """
+        inner, config = _inner(self.model, "pack_image_features"), self.model.config
+        sizes = arguments.get("image_sizes")
+        if sizes is None:
+            raise ValueError(f"g2tr.hf: {self.family.model_type} needs image_sizes")
+        sizes = torch.as_tensor(_host(sizes))
+        side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+        to_patches = getattr(inspect.getmodule(type(inner)), "image_size_to_num_patches")
+        counts = arguments.get("batch_num_images")
+        tiled = [True] * len(sizes) if counts is None else [int(n) == 1 for n in _host_flat(counts) for _ in range(int(n))]
+        patches = [
+            to_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                       patch_size=config.vision_config.image_size) if t else 1
+            for size, t in zip(sizes, tiled)
+        ]
+        kwargs = {"image_newline": torch.ones(1)}
+        accepted = inspect.signature(inner.pack_image_features).parameters
+        if "vision_feature_select_strategy" in accepted:
+            kwargs["vision_feature_select_strategy"] = "default"
+        if "vision_aspect_ratio" in accepted:
+            kwargs["vision_aspect_ratio"] = arguments.get("vision_aspect_ratio") or config.vision_aspect_ratio
+        packed, _ = inner.pack_image_features([torch.zeros(n, side * side, 1) for n in patches], sizes, **kwargs)
+        grids, image, positions, fixed, fixed_per_image, offset = [], [], [], [], [], 0
+        for i, (seq, n) in enumerate(zip(packed, lengths)):
+            newline = seq[:, 0] == 1
+            if seq.shape[0] != n or bool(newline[: side * side].any()):
+                raise ValueError(f"g2tr.hf: image {i}: the features do not have the base + unpadded layout")
+            grids.append((side, side))
+            image.append(i)
+            positions.append(torch.arange(offset, offset + side * side))
+            rest = newline[side * side :]
+            rows = int(rest.sum())
+            if rest.numel() > rows:  # an unpadded grid: rows x cols tokens, a newline after each row
+                cols = rest.numel() // rows - 1
+                expected = torch.zeros(rows, cols + 1, dtype=torch.bool)
+                expected[:, -1] = True
+                if rows * (cols + 1) != rest.numel() or not torch.equal(rest, expected.reshape(-1)):
+                    raise ValueError(f"g2tr.hf: image {i}: the unpadded grid is not rows of tokens + newline")
+                grid_positions = torch.arange(rest.numel()).reshape(rows, cols + 1)[:, :cols].reshape(-1)
+                grids.append((rows, cols))
+                image.append(i)
+                positions.append(offset + side * side + grid_positions)
+            fixed.append(offset + side * side + torch.nonzero(rest).reshape(-1))
+            fixed_per_image.append(rows)
+            offset += n
+        return _Parts(grids, image, positions, torch.cat(fixed), fixed_per_image)
 
     def _grids(self, lengths: List[int], arguments) -> List[Tuple[int, int]]:
         kind, config = self.family.grids, self.model.config
@@ -503,10 +598,14 @@ def merge_by_assignment(values: torch.Tensor, out: ops.ReduceOutput, merge_weigh
     return (total / count[:, None]).to(values.dtype)
 
 
-def _inner(model):
+def _inner(model, method: str = "get_rope_index"):
     """The ...Model inside a ...ForConditionalGeneration (it holds get_rope_index and rope_deltas)."""
     inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "get_rope_index") else model
+    return inner if inner is not None and hasattr(inner, method) else model
+
+
+def _host_flat(values) -> List[int]:
+    return values.reshape(-1).tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
 
 
 def _host(values) -> List[List[int]]:

@@ -72,10 +72,16 @@ FAMILIES: Dict[str, Family] = {
         _row("qwen2_5_vl", MROPE, "grid_thw", rebuilt=("mm_token_type_ids",),
              handles={"get_rope_index", "mm_token_type_ids", "image_grid_thw", "videos", "second_per_grid_ts"},
              vision_kwargs=("image_grid_thw",), notes="as qwen2_vl"),
-        _row("llava_next", ANYRES, None, refused="each image is a base tile plus an unpadded grid with "
-             "image_newline tokens; not reduced in one call yet"),
-        _row("llava_onevision", ANYRES, None, refused="as llava_next (anyres with image_newline tokens); "
-             "not reduced in one call yet"),
+        _row("llava_next", ANYRES, "anyres", handles={"image_sizes", "image_newline"},
+             vision_kwargs=("image_sizes",) + _LLAVA_KW, vision_towers=("clip_vision_model", "siglip_vision_model"),
+             notes="the base tile and the unpadded grid are reduced on their own grids (against the same VAE "
+                   "image); image_newline tokens are kept and never merged"),
+        _row("llava_onevision", ANYRES, "anyres",
+             handles={"image_sizes", "image_newline", "videos", "vision_aspect_ratio", "batch_num_images"},
+             vision_kwargs=("image_sizes", "vision_aspect_ratio", "batch_num_images") + _LLAVA_KW,
+             vision_towers=("clip_vision_model", "siglip_vision_model"),
+             notes="as llava_next (the downsampled grid of anyres_max is a grid too); images and videos in one "
+                   "call are refused, videos alone run unreduced"),
         _row("idefics3", PER_PROMPT, None, refused="image features come grouped per prompt and padded images "
              "need pixel_attention_mask; not reduced in one call yet"),
         _row("smolvlm", PER_PROMPT, None, refused="as idefics3; not reduced in one call yet"),
@@ -108,6 +114,9 @@ _ARGUMENT_CAPABILITIES = {
     "video_grid_thw": "video_grid_thw",
     "second_per_grid_ts": "second_per_grid_ts",
     "pixel_attention_mask": "pixel_attention_mask",
+    "vision_aspect_ratio": "vision_aspect_ratio",
+    "batch_num_images": "batch_num_images",
+    "videos_sizes": "image_sizes_videos",
 }
 
 CAPABILITIES = {
@@ -122,6 +131,8 @@ CAPABILITIES = {
     "video_grid_thw": "takes video_grid_thw",
     "second_per_grid_ts": "takes second_per_grid_ts",
     "pixel_attention_mask": "takes pixel_attention_mask",
+    "vision_aspect_ratio": "takes vision_aspect_ratio",
+    "batch_num_images": "takes batch_num_images",
 }
 
 
@@ -133,9 +144,10 @@ def capabilities(model) -> Tuple[FrozenSet[str], Tuple[str, ...]]:
     """(capabilities, unknown forward arguments) of a transformers VLM instance."""
     params = list(inspect.signature(model.forward).parameters)
     caps = {cap for cap, arg in _ARGUMENT_CAPABILITIES.items() if arg in params}
-    if "video_grid_thw" in caps:
-        caps.discard("video_grid_thw")  # goes with videos
-        caps.add("videos")
+    for goes_with_videos in ("video_grid_thw", "videos_sizes"):
+        if goes_with_videos in caps:
+            caps.discard(goes_with_videos)
+            caps.add("videos")
     known = NEUTRAL_ARGUMENTS | set(_ARGUMENT_CAPABILITIES.values())
     unknown = tuple(p for p in params if p not in known)
     holders = [m for m in (model, _inner(model)) if m is not None]
@@ -180,12 +192,17 @@ def resolve(model) -> Family:
 
 
 def _llava_check(model) -> Optional[str]:
-    if getattr(model.config, "vision_feature_select_strategy", "default") != "default":
-        return "vision_feature_select_strategy 'full' keeps the CLS token, so the tokens are not a grid"
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    tower = getattr(getattr(model.config, "vision_config", None), "model_type", None)
+    has_cls = tower == "clip_vision_model"
+    if has_cls and strategy != "default":
+        return f"vision_feature_select_strategy {strategy!r} keeps CLIP's CLS token, so the tokens are not a grid"
+    if not has_cls and strategy == "default":
+        return f"vision_feature_select_strategy 'default' drops a patch token of {tower} (it has no CLS token)"
     return None
 
 
-_CHECKS: Dict[str, Callable] = {"llava": _llava_check}
+_CHECKS: Dict[str, Callable] = {"llava": _llava_check, "llava_next": _llava_check, "llava_onevision": _llava_check}
 
 
 def render_markdown() -> str:
