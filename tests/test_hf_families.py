@@ -200,6 +200,39 @@ def llava_onevision_case():
     return _anyres_case("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", batch_num_images=[1, 2])
 
 
+def _per_prompt_case(cls_name, config_name):
+    # 64 px images, 8 px patches -> 8 x 8, pixel shuffle 2 -> 4 x 4 = 16 tokens per image;
+    # features come per prompt; prompt 0 has one image (its second slot is an all-zero padding
+    # image), prompt 1 two, the second padded on the right (pixel_attention_mask)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(
+        text_config=dict(model_type="llama", **TEXT),
+        vision_config=dict(image_size=64, patch_size=8, **VISION), image_token_id=IMG, scale_factor=2,
+    )
+    model = getattr(transformers, cls_name)(config).eval()
+    torch.manual_seed(1)
+    px = torch.zeros(2, 2, 3, 64, 64)
+    px[0, 0] = torch.randn(3, 64, 64)
+    px[1, 0] = torch.randn(3, 64, 64)
+    px[1, 1, :, :, :40] = torch.randn(3, 64, 40)
+    pixel_mask = torch.zeros(2, 2, 64, 64, dtype=torch.long)
+    pixel_mask[0, 0] = pixel_mask[1, 0] = 1
+    pixel_mask[1, 1, :, :40] = 1
+    image = [BOI] + [IMG] * 16 + [EOI]
+    ids = left_pad([[1, 2] + image + [3], [4] + image + [5] + image + [6]])
+    vae = [px[0, 0], px[1, 0], px[1, 1, :, :, :40]]
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=px, pixel_attention_mask=pixel_mask)
+    return Case(model, inputs, vae, [(4, 4)] * 3, vision_kwargs=dict(pixel_attention_mask=pixel_mask), pool=4)
+
+
+def idefics3_case():
+    return _per_prompt_case("Idefics3ForConditionalGeneration", "Idefics3Config")
+
+
+def smolvlm_case():
+    return _per_prompt_case("SmolVLMForConditionalGeneration", "SmolVLMConfig")
+
+
 CASES = {
     "gemma3": gemma3_case,
     "paligemma": paligemma_case,
@@ -209,6 +242,8 @@ CASES = {
     "qwen3_vl": qwen3_vl_case,
     "llava_next": llava_next_case,
     "llava_onevision": llava_onevision_case,
+    "idefics3": idefics3_case,
+    "smolvlm": smolvlm_case,
 }
 
 
@@ -351,7 +386,9 @@ def build(name):
 
 def lm_lengths(model):
     seen = []
-    hook = model.model.language_model.register_forward_hook(
+    inner = model.model
+    lm = inner.language_model if hasattr(inner, "language_model") else inner.text_model  # Idefics3: text_model
+    hook = lm.register_forward_hook(
         lambda module, args, kwargs, out: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
     )
     return seen, hook
@@ -506,21 +543,41 @@ def test_a_per_token_input_the_row_does_not_rebuild_is_an_error():
 
 
 # -- refused families ---------------------------------------------------------------------
-def _idefics3():
-    config = transformers.Idefics3Config(
-        text_config=dict(model_type="llama", **TEXT),
-        vision_config=dict(image_size=32, patch_size=8, **VISION), image_token_id=IMG, scale_factor=2,
-    )
-    return transformers.Idefics3ForConditionalGeneration(config)
+def _qwen3_5():
+    # an M-RoPE model without a row
+    return transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(
+        text_config=dict(head_dim=16, layer_types=["full_attention"], **TEXT),
+        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
+                           patch_size=4, deepstack_visual_indexes=[]),
+        image_token_id=IMG,
+    ))
+
+
+def _glm4v():
+    return transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(
+        text_config=dict(**TEXT), image_token_id=IMG,
+        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=4),
+    ))
+
+
+def _llava_pixtral():
+    # a LLaVA row, but a Pixtral tower (non-square images) the row does not describe
+    return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        text_config=dict(model_type="mistral", head_dim=16, **TEXT), image_token_index=IMG,
+        vision_config=dict(model_type="pixtral", image_size=64, patch_size=8, head_dim=16, **VISION),
+        vision_feature_select_strategy="full",
+    ))
 
 
 REFUSED = {
-    "idefics3": (_idefics3, "per prompt"),
+    "qwen3_5": (_qwen3_5, "no row in the support table"),
+    "glm4v": (_glm4v, "no row in the support table"),
+    "llava": (_llava_pixtral, "vision tower 'pixtral'"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_families_not_reduced_yet_are_refused_at_apply_time(name):
+def test_families_without_a_row_are_refused_at_apply_time(name):
     build_model, why = REFUSED[name]
     torch.manual_seed(0)
     model = build_model()

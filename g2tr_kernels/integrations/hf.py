@@ -98,6 +98,7 @@ class _Parts:
     positions: Optional[List[torch.Tensor]] = None  # rows of each part in the packed features (raster)
     fixed: Optional[torch.Tensor] = None  # rows kept as they are (image_newline tokens)
     fixed_per_image: Optional[List[int]] = None
+    groups: Optional[List[int]] = None  # images in each entry of the model's features (Idefics3: per prompt)
 
 
 @dataclass
@@ -220,14 +221,15 @@ class G2TRHandle:
         encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         features, lengths, as_tensor = _pack(encoded.pooler_output)
         parts = self._parts(lengths, arguments)
-        if parts.positions is None and [h * w for h, w in parts.grids] != lengths:
+        if parts.positions is None and parts.groups is None and [h * w for h, w in parts.grids] != lengths:
             raise ValueError(f"g2tr.hf: grids {parts.grids} do not match the tokens per image {lengths}")
 
         images = self._vae_images(vae_pixel_values, pixel_values, arguments)
         n_images = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
-        if n_images != len(lengths):
+        n_vision = sum(parts.groups) if parts.groups is not None else len(lengths)
+        if n_images != n_vision:
             raise ValueError(
-                f"g2tr.hf: {n_images} VAE images for {len(lengths)} vision-tower images; give one per image (tile)"
+                f"g2tr.hf: {n_images} VAE images for {n_vision} vision-tower images; give one per image (tile)"
             )
         anchors, anchor_grids = self._anchors(images)
         anchors = anchors.to(device=features.device, dtype=features.dtype)
@@ -256,6 +258,11 @@ class G2TRHandle:
             kept_per_image = [parts.fixed_per_image[i] for i in range(len(lengths))]
             for k, i in zip(kept, parts.image):
                 kept_per_image[i] += k
+        if parts.groups is not None:
+            starts = [0]
+            for g in parts.groups:
+                starts.append(starts[-1] + g)
+            kept_per_image = [sum(kept[a:b]) for a, b in zip(starts, starts[1:])]
 
         past_mask = None
         if attention_mask is not None and attention_mask.shape[-1] > input_ids.shape[-1]:
@@ -328,6 +335,15 @@ class G2TRHandle:
     def _parts(self, lengths: List[int], arguments) -> "_Parts":
         if self.family.grids == "anyres":
             return self._anyres_parts(lengths, arguments)
+        if self.family.grids == "per_prompt":
+            # Idefics3 / SmolVLM: one entry per prompt, its images' square grids one after another.
+            vision = self.model.config.vision_config
+            per_image = (int(vision.image_size) // int(vision.patch_size)) ** 2 // int(self.model.config.scale_factor) ** 2
+            side = math.isqrt(per_image)
+            if side * side != per_image or any(n % per_image for n in lengths):
+                raise ValueError(f"g2tr.hf: prompts with {lengths} image tokens are not {per_image}-token images")
+            groups = [n // per_image for n in lengths]
+            return _Parts([(side, side)] * sum(groups), groups=groups)
         return _Parts(self._grids(lengths, arguments))
 
     def _anyres_parts(self, lengths: List[int], arguments) -> "_Parts":

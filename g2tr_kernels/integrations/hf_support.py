@@ -82,9 +82,12 @@ FAMILIES: Dict[str, Family] = {
              vision_towers=("clip_vision_model", "siglip_vision_model"),
              notes="as llava_next (the downsampled grid of anyres_max is a grid too); images and videos in one "
                    "call are refused, videos alone run unreduced"),
-        _row("idefics3", PER_PROMPT, None, refused="image features come grouped per prompt and padded images "
-             "need pixel_attention_mask; not reduced in one call yet"),
-        _row("smolvlm", PER_PROMPT, None, refused="as idefics3; not reduced in one call yet"),
+        _row("idefics3", PER_PROMPT, "per_prompt", handles={"pixel_attention_mask"},
+             vision_kwargs=("pixel_attention_mask",),
+             notes="features come per prompt; each image (tile) is reduced on its own square grid; "
+                   "pixel_attention_mask is passed to the vision tower"),
+        _row("smolvlm", PER_PROMPT, "per_prompt", handles={"pixel_attention_mask"},
+             vision_kwargs=("pixel_attention_mask",), notes="as idefics3"),
         _row("qwen3_vl", MROPE, "grid_thw", rebuilt=("mm_token_type_ids", "deepstack features"),
              handles={"get_rope_index", "mm_token_type_ids", "image_grid_thw", "videos", "deepstack"},
              vision_kwargs=("image_grid_thw",),
