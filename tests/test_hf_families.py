@@ -615,3 +615,27 @@ def test_support_table_is_in_the_readme():
     assert render_markdown() in readme
     for name in CASES:
         assert FAMILIES[name].refused is None
+
+
+# -- torch.compile ------------------------------------------------------------------------
+def test_compiled_prefill_has_no_graph_break_of_the_projects_making():
+    # One prompt: every size comes from host-side grids, so the wrapper and g2tr_kernels read
+    # nothing back from the device (a batch reads B + 2 ints once, see _host_layout).
+    from pathlib import Path
+
+    import g2tr_kernels
+
+    case = build("gemma3")
+    model, inputs = case.model, case.inputs
+    real = inputs["input_ids"][0] != PAD
+    one = {k: inputs[k][:1, real] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    one["pixel_values"] = inputs["pixel_values"][:1]
+    apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+    with torch.no_grad():
+        eager = model(**one, vae_pixel_values=case.vae_images[:1]).logits
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda **kw: model(**kw, vae_pixel_values=case.vae_images[:1]).logits)(**one)
+    ours = str(Path(g2tr_kernels.__file__).parent)
+    breaks = [b.reason for b in explained.break_reasons if b.user_stack and b.user_stack[-1].filename.startswith(ours)]
+    assert breaks == []
+    assert explained.graph_count >= 1 and eager.shape[1] == 2 + 8 + 2 + 3

@@ -44,6 +44,7 @@ The patch is an attribute of the model instance that copy.deepcopy and pickle ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ class G2TRHandle:
         position_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         vae_pixel_values=None,
-        padding_side: str = "right",
+        padding_side: Optional[str] = "right",
         **other,
     ) -> Dict[str, Any]:
         """Runs steps 1-4; returns the keyword arguments for the unmodified forward.
@@ -201,8 +202,10 @@ class G2TRHandle:
         return self._prepare(arguments, vae_pixel_values, padding_side, for_generate=False)
 
     # -- internals ------------------------------------------------------------------------
-    def _prepare(self, arguments: Dict[str, Any], vae_pixel_values, padding_side: str, for_generate: bool):
-        """Pops what it consumes from `arguments`; returns the arguments for the plain model."""
+    def _prepare(self, arguments: Dict[str, Any], vae_pixel_values, padding_side: Optional[str], for_generate: bool):
+        """Pops what it consumes from `arguments`; returns the arguments for the plain model.
+
+        padding_side None: left if the prompts are left-padded, else right (forward)."""
         family = self.family
         input_ids = arguments.pop("input_ids", None)
         pixel_values = arguments.pop("pixel_values")
@@ -277,9 +280,12 @@ class G2TRHandle:
         rope_positions = rope_deltas = None
         if mrope and position_ids is None:
             rope_positions, rope_deltas = self._rope_index(input_ids, attention_mask, arguments)
+        row_lengths, padding_side = self._host_layout(input_ids, keep_idx, features.shape[0], attention_mask,
+                                                      padding_side)
         layout = rebuild_padded(
             input_ids, keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
             labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
+            image_tokens=features.shape[0], row_lengths=row_lengths,
         )
         self.last = Reduction(out, grids, anchor_grids, layout, part_lengths, kept)
 
@@ -331,6 +337,29 @@ class G2TRHandle:
                 positions = torch.cat([text[None].to(positions), positions], dim=0)
             result["position_ids"] = positions
         return result
+
+    def _host_layout(self, input_ids, keep_idx, image_tokens: int, attention_mask, padding_side):
+        """Each row's reduced length and the padding side, as host values.
+
+        One prompt: from host sizes alone, and no new padding, so no side: nothing is read
+        from the device. A batch: one small read (B + 2 ints) of the per-row counts and, for
+        forward, whether the prompts are left-padded (some row starts with padding while every
+        row ends with a real token).
+        """
+        b, length = input_ids.shape
+        if b == 1:
+            return [length - (image_tokens - keep_idx.numel())], padding_side or "right"
+        per_row = (input_ids == self.image_token_id).sum(1)
+        kept_rows = torch.searchsorted(per_row.cumsum(0), keep_idx.to(per_row.device), right=True)
+        kept_per_row = per_row.new_zeros(b).scatter_add_(0, kept_rows, torch.ones_like(kept_rows))
+        values = [length - per_row + kept_per_row]
+        detect = padding_side is None and attention_mask is not None and attention_mask.dim() == 2
+        if detect:
+            values.append(torch.stack([(attention_mask[:, -1] != 0).all(), (attention_mask[:, 0] == 0).any()]).long())
+        host = torch.cat(values).tolist()  # the one device read of a batched prefill
+        if padding_side is None:
+            padding_side = "left" if detect and host[b] and host[b + 1] else "right"
+        return host[:b], padding_side
 
     def _parts(self, lengths: List[int], arguments) -> "_Parts":
         if self.family.grids == "anyres":
@@ -478,8 +507,7 @@ class G2TRHandle:
         arguments.update(extra)
         if arguments.get("pixel_values") is None:
             return original(**arguments)
-        padding_side = _padding_side(arguments.get("attention_mask"))
-        arguments.update(self._prepare(arguments, vae_pixel_values, padding_side, for_generate=False))
+        arguments.update(self._prepare(arguments, vae_pixel_values, None, for_generate=False))
         return original(**arguments)
 
     def _call_generate(self, original, args, kwargs):
@@ -515,11 +543,14 @@ class _Patched:
 
     def __init__(self, handle: G2TRHandle, name: str, previous):
         self.handle, self.name, self.previous = handle, name, previous
+        # The class's function, looked up once: under torch.compile a lookup on the instance's
+        # type at call time can resolve to this very object and recurse.
+        self.function = getattr(type(handle.model), name)
 
     def _original(self):
         if self.previous is not None:  # an instance attribute that was there before (accelerate hooks)
             return self.previous
-        return getattr(type(self.handle.model), self.name).__get__(self.handle.model)
+        return functools.partial(self.function, self.handle.model)
 
     @property
     def __signature__(self):  # generate() inspects forward's parameters
@@ -664,15 +695,6 @@ def _unpack(merged: torch.Tensor, kept: List[int], as_tensor: bool):
     if as_tensor and len(set(kept)) <= 1:
         return merged.reshape(len(kept), kept[0] if kept else 0, merged.shape[-1])
     return list(torch.split(merged, kept))
-
-
-def _padding_side(attention_mask) -> str:
-    """Left if some row starts with padding while every row ends with a real token."""
-    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] == 0:
-        return "right"
-    if bool((attention_mask[:, -1] != 0).all()) and bool((attention_mask[:, 0] == 0).any()):
-        return "left"
-    return "right"
 
 
 def _restore_prompt(out, input_ids: torch.Tensor, reduced_length: int):
