@@ -639,3 +639,29 @@ def test_compiled_prefill_has_no_graph_break_of_the_projects_making():
     breaks = [b.reason for b in explained.break_reasons if b.user_stack and b.user_stack[-1].filename.startswith(ours)]
     assert breaks == []
     assert explained.graph_count >= 1 and eager.shape[1] == 2 + 8 + 2 + 3
+
+
+# -- anchor sources -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava_next"])
+def test_precomputed_latents_and_anchors_reduce_as_the_images_do(name):
+    from g2tr_kernels.anchors import encode_latents, prepare_anchors
+
+    case = build(name)
+    model, inputs, vae = case.model, case.inputs, case.model_vae
+    handle = apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1)  # pool="auto"
+    with torch.no_grad():
+        by_images = model(**inputs, vae_pixel_values=case.vae_images).logits
+        last = handle.last
+        latents = encode_latents(vae, case.vae_images)
+        by_latents = model(**inputs, vae_latents=latents).logits
+        assert torch.equal(handle.last.output.keep_idx, last.output.keep_idx)
+        torch.testing.assert_close(by_latents, by_images, atol=0, rtol=0)
+        if name == "qwen2_vl":  # one grid per image: anchors for those grids
+            anchors = prepare_anchors(last.grids, vae_latents=latents, dim=32)
+            by_anchors = model(**inputs, anchors=anchors).logits
+            torch.testing.assert_close(by_anchors, by_images, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="one of vae_pixel_values, vae_latents or anchors"):
+            model(**inputs, vae_pixel_values=case.vae_images, vae_latents=latents)
+    # "auto": each part's anchor grid is as fine as its ViT grid and no finer
+    assert all(ha <= h and wa <= w for (ha, wa), (h, w) in zip(last.anchor_grids, last.grids))
+    assert any(ha == h or wa == w for (ha, wa), (h, w) in zip(last.anchor_grids, last.grids))

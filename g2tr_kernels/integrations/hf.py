@@ -26,7 +26,9 @@ What happens on a call that carries pixel_values (the prefill):
      mm_encoder_outputs, so the language model (and its KV cache) sees K tokens per image.
 Calls without pixel_values (decode steps, text only) pass through untouched.
 
-Where the VAE images come from, in order: the vae_pixel_values= argument of forward /
+Anchors come from vae_latents= (precomputed, normalised latents, one per vision-tower
+image) or anchors= ((anchors, anchor_grids) from prepare_anchors) when a call passes them;
+else from VAE images, in order: the vae_pixel_values= argument of forward /
 generate; handle.images(...) used as a context manager; else the pixel_values the VLM got,
 mapped back to [-1, 1] with the image_mean / image_std given to apply_g2tr (without them,
 a ValueError: the VLM's normalised pixels are not VAE input). One VAE image per
@@ -53,7 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from ..anchors import Projection, anchors_from_vae
+from ..anchors import Pool, Projection, encode_latents, prepare_anchors
 from ..layout import PaddedLayout, gather_columns, rebuild_padded
 from .hf_support import Family, resolve
 
@@ -112,7 +114,7 @@ class G2TRHandle:
     merge_weight: float = 1.0
     projection: Projection = "interpolate"
     patch: int = 1
-    pool: int = 1
+    pool: Pool = "auto"
     image_mean: Optional[Sequence[float]] = None
     image_std: Optional[Sequence[float]] = None
     sample: str = "mode"
@@ -190,6 +192,8 @@ class G2TRHandle:
         labels: Optional[torch.Tensor] = None,
         vae_pixel_values=None,
         padding_side: Optional[str] = "right",
+        vae_latents=None,
+        anchors=None,
         **other,
     ) -> Dict[str, Any]:
         """Runs steps 1-4; returns the keyword arguments for the unmodified forward.
@@ -199,10 +203,11 @@ class G2TRHandle:
         """
         arguments = dict(other, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                          position_ids=position_ids, labels=labels)
-        return self._prepare(arguments, vae_pixel_values, padding_side, for_generate=False)
+        sources = _sources(vae_pixel_values, vae_latents, anchors)
+        return self._prepare(arguments, sources, padding_side, for_generate=False)
 
     # -- internals ------------------------------------------------------------------------
-    def _prepare(self, arguments: Dict[str, Any], vae_pixel_values, padding_side: Optional[str], for_generate: bool):
+    def _prepare(self, arguments: Dict[str, Any], sources: Dict[str, Any], padding_side: Optional[str], for_generate: bool):
         """Pops what it consumes from `arguments`; returns the arguments for the plain model.
 
         padding_side None: left if the prompts are left-padded, else right (forward)."""
@@ -227,22 +232,11 @@ class G2TRHandle:
         if parts.positions is None and parts.groups is None and [h * w for h, w in parts.grids] != lengths:
             raise ValueError(f"g2tr.hf: grids {parts.grids} do not match the tokens per image {lengths}")
 
-        images = self._vae_images(vae_pixel_values, pixel_values, arguments)
-        n_images = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
-        n_vision = sum(parts.groups) if parts.groups is not None else len(lengths)
-        if n_images != n_vision:
-            raise ValueError(
-                f"g2tr.hf: {n_images} VAE images for {n_vision} vision-tower images; give one per image (tile)"
-            )
-        anchors, anchor_grids = self._anchors(images)
-        anchors = anchors.to(device=features.device, dtype=features.dtype)
+        anchors, anchor_grids = self._anchors(sources, pixel_values, arguments, parts, features)
         tokens, grids = features, parts.grids
         if parts.positions is not None:
             # Several parts per image (anyres: base tile, unpadded grid): each part is reduced on
             # its own grid against its image's anchors; the newline tokens are not reduced.
-            per_image = list(torch.split(anchors, [h * w for h, w in anchor_grids]))
-            anchors = torch.cat([per_image[i] for i in parts.image])
-            anchor_grids = [anchor_grids[i] for i in parts.image]
             index = torch.cat(parts.positions).to(features.device)
             tokens = features[index]
         out = ops.reduce(
@@ -465,12 +459,47 @@ class G2TRHandle:
         extra = {k: arguments.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in accepted}
         return get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, **extra)
 
-    def _anchors(self, images):
-        # The one place anchors are built from the VAE images.
-        return anchors_from_vae(
-            self.vae, images, projection=self.projection, patch=self.patch, pool=self.pool, dim=self.hidden_size,
-            sample=self.sample, scale=self.scale_latents,
-        )
+    def _anchors(self, sources: Dict[str, Any], pixel_values, arguments, parts: "_Parts", features):
+        """Anchors for every part, from exactly one source: vae_latents=, anchors=, or VAE images
+        (vae_pixel_values=, handle.images(...), or the VLM's pixel_values mapped back)."""
+        if len(sources) > 1:
+            raise ValueError(f"g2tr.hf: pass one of vae_pixel_values, vae_latents or anchors, got {', '.join(sources)}")
+        n_vision = sum(parts.groups) if parts.groups is not None else (
+            len(parts.grids) if parts.image is None else parts.image[-1] + 1)
+        per_part = parts.image  # None: one part per image
+        recipe = dict(projection=self.projection, patch=self.patch, pool=self.pool, dim=self.hidden_size,
+                      like=features)
+        if "anchors" in sources:
+            anchors, anchor_grids = sources["anchors"]
+            anchors, anchor_grids = prepare_anchors(
+                [parts.grids[per_part.index(i)] for i in range(n_vision)] if per_part else parts.grids,
+                anchors=(anchors, anchor_grids), dim=self.hidden_size, like=features,
+            )
+            if per_part is not None:
+                pieces = list(torch.split(anchors, [h * w for h, w in anchor_grids]))
+                anchors = torch.cat([pieces[i] for i in per_part])
+                anchor_grids = [anchor_grids[i] for i in per_part]
+            return anchors, anchor_grids
+        latents = sources.get("vae_latents")
+        if latents is None:
+            images = self._vae_images(sources.get("images"), pixel_values, arguments)
+            n_images = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+            if n_images != n_vision:
+                raise ValueError(
+                    f"g2tr.hf: {n_images} VAE images for {n_vision} vision-tower images; give one per image (tile)"
+                )
+            if per_part is None:
+                return prepare_anchors(parts.grids, vae=self.vae, images=images, sample=self.sample,
+                                       scale=self.scale_latents, **recipe)
+            latents = encode_latents(self.vae, images, sample=self.sample, scale=self.scale_latents)
+        latents = list(latents.unbind(0)) if isinstance(latents, torch.Tensor) and latents.dim() in (4, 5) else list(
+            latents if not isinstance(latents, torch.Tensor) else [latents])
+        if len(latents) != n_vision:
+            raise ValueError(f"g2tr.hf: {len(latents)} VAE latents for {n_vision} vision-tower images; give one per image")
+        if per_part is not None:
+            # Each part against its image's latent, pooled for that part's own grid.
+            latents = [latents[i] for i in per_part]
+        return prepare_anchors(parts.grids, vae_latents=latents, **recipe)
 
     def _vae_images(self, vae_pixel_values, pixel_values, arguments):
         if vae_pixel_values is None and self._pending:
@@ -501,19 +530,19 @@ class G2TRHandle:
     def _call_forward(self, original, signature, args, kwargs):
         if not self.enabled:
             return original(*args, **kwargs)
-        vae_pixel_values = kwargs.pop("vae_pixel_values", None)
+        sources = _pop_sources(kwargs)
         arguments = signature.bind_partial(*args, **kwargs).arguments
         extra = arguments.pop("kwargs", {})
         arguments.update(extra)
         if arguments.get("pixel_values") is None:
             return original(**arguments)
-        arguments.update(self._prepare(arguments, vae_pixel_values, None, for_generate=False))
+        arguments.update(self._prepare(arguments, sources, None, for_generate=False))
         return original(**arguments)
 
     def _call_generate(self, original, args, kwargs):
         if not self.enabled:
             return original(*args, **kwargs)
-        vae_pixel_values = kwargs.pop("vae_pixel_values", None)
+        sources = _pop_sources(kwargs)
         if args:
             input_ids, args = args[0], args[1:]
         else:
@@ -524,7 +553,7 @@ class G2TRHandle:
             return original(*args, **kwargs) if input_ids is None else original(input_ids, *args, **kwargs)
         kwargs["input_ids"] = input_ids
         # Batched generation appends on the right, so new padding goes on the left.
-        reduced = self._prepare(kwargs, vae_pixel_values, "left", for_generate=True)
+        reduced = self._prepare(kwargs, sources, "left", for_generate=True)
         reduced_ids = reduced.pop("input_ids")
         kwargs.update(reduced)
         # generate's first parameter takes the ids, so positional arguments after it still line up.
@@ -575,7 +604,7 @@ def apply_g2tr(
     merge_weight: float = 1.0,
     projection: Projection = "interpolate",
     patch: int = 1,
-    pool: int = 1,
+    pool: Pool = "auto",
     image_mean: Optional[Sequence[float]] = None,
     image_std: Optional[Sequence[float]] = None,
     sample: str = "mode",
@@ -586,10 +615,11 @@ def apply_g2tr(
 ) -> G2TRHandle:
     """Make `model` (a transformers VLM ...ForConditionalGeneration) reduce its image tokens with G2TR.
 
-    vae: a diffusers AutoencoderKL (or anything with encode(x) -> .latent_dist / tensor).
+    vae: a diffusers VAE (see g2tr_kernels.anchors.VAE_ADAPTERS); None if every call passes
+    vae_latents= or anchors=.
     keep_ratio, min_keep, merge_weight: as g2tr_kernels.reduce. projection / patch / pool:
     the anchor recipe of g2tr_kernels.anchors (InternVL-U: "interpolate", 1, 1; BAGEL:
-    its vae2llm Linear, 2, 2). image_mean / image_std: the VLM processor's normalisation,
+    its vae2llm Linear, 2, 2); pool="auto" sizes each image's anchor grid to its ViT grid. image_mean / image_std: the VLM processor's normalisation,
     used to hand the VLM's pixel_values to the VAE when no vae_pixel_values are given.
     grids: callable(tokens per image) -> [(h, w), ...] for families whose tokens form one
     grid per image (square by default). restore_prompt: generate() returns the original
@@ -643,6 +673,16 @@ def merge_by_assignment(values: torch.Tensor, out: ops.ReduceOutput, merge_weigh
     total = values.new_zeros(rows, values.shape[-1], dtype=torch.float32).index_add_(0, assign, values.float() * weight[:, None])
     count = weight.new_zeros(rows).index_add_(0, assign, weight)
     return (total / count[:, None]).to(values.dtype)
+
+
+def _sources(vae_pixel_values=None, vae_latents=None, anchors=None) -> Dict[str, Any]:
+    given = {"images": vae_pixel_values, "vae_latents": vae_latents, "anchors": anchors}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _pop_sources(kwargs) -> Dict[str, Any]:
+    """The anchor sources of a forward / generate call (never passed on to the model)."""
+    return _sources(kwargs.pop("vae_pixel_values", None), kwargs.pop("vae_latents", None), kwargs.pop("anchors", None))
 
 
 def _inner(model, method: str = "get_rope_index"):
