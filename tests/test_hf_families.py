@@ -665,3 +665,27 @@ def test_precomputed_latents_and_anchors_reduce_as_the_images_do(name):
     # "auto": each part's anchor grid is as fine as its ViT grid and no finer
     assert all(ha <= h and wa <= w for (ha, wa), (h, w) in zip(last.anchor_grids, last.grids))
     assert any(ha == h or wa == w for (ha, wa), (h, w) in zip(last.anchor_grids, last.grids))
+
+
+def test_qwen2_vl_video_next_to_images_passes_unreduced():
+    case = build("qwen2_vl")
+    model, inputs = case.model, dict(case.inputs)
+    # a video after the second prompt's images: 2 temporal patches x 4 x 4 = 32 video tokens
+    ids = inputs["input_ids"]
+    video = torch.tensor([[BOI] + [VID] * 32 + [EOI]] * 2)
+    video[0] = PAD  # only row 1 has the video
+    ids = torch.cat([ids, video], dim=1)
+    ids = left_pad([[t for t in row if t != PAD] for row in ids.tolist()])
+    torch.manual_seed(7)
+    inputs.update(input_ids=ids, attention_mask=(ids != PAD).long(),
+                  mm_token_type_ids=(ids == IMG).long() + 2 * (ids == VID).long(),
+                  pixel_values_videos=torch.randn(2 * 8 * 8, 3 * 2 * 4 * 4), video_grid_thw=torch.tensor([[2, 8, 8]]))
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        handle = apply_g2tr(model, case.model_vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
+        same = model(**inputs, vae_pixel_values=case.vae_images).logits
+        handle.remove()
+        apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+        model(**inputs, vae_pixel_values=case.vae_images)
+    torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
+    assert int((model._g2tr_handle.last.layout.input_ids == VID).sum()) == 32  # every video token kept

@@ -304,9 +304,9 @@ class G2TRHandle:
                 )
             # Videos are not reduced; they are encoded here because the model takes either
             # pixel values or encoder outputs, not both.
-                mm["video"] = self.model.get_video_features(
-                    arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
-                )
+            mm["video"] = self.model.get_video_features(
+                arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
+            )
         result["mm_encoder_outputs"] = mm
         for name in family.rebuilt:
             if name in ("attention_mask", "position_ids", "labels"):
