@@ -689,3 +689,20 @@ def test_qwen2_vl_video_next_to_images_passes_unreduced():
         model(**inputs, vae_pixel_values=case.vae_images)
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
     assert int((model._g2tr_handle.last.layout.input_ids == VID).sum()) == 32  # every video token kept
+
+
+def test_token_types_a_processor_adds_are_rebuilt_even_where_the_row_does_not_name_them():
+    # processors can return mm_token_type_ids (return_mm_token_type_ids=True) to a forward that
+    # only passes them on in **kwargs
+    case = build("idefics3")
+    model, inputs = case.model, dict(case.inputs)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMG).long()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        handle = apply_g2tr(model, case.model_vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
+        same = model(**inputs, vae_pixel_values=case.vae_images).logits
+        handle.remove()
+        handle = apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+        model(**inputs, vae_pixel_values=case.vae_images)
+    torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
+    assert handle.last.layout.input_ids.shape[1] < inputs["input_ids"].shape[1]

@@ -59,6 +59,8 @@ from ..anchors import Pool, Projection, encode_latents, prepare_anchors
 from ..layout import PaddedLayout, gather_columns, rebuild_padded
 from .hf_support import Family, resolve
 
+_TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+
 # Arguments with one entry per image or video, never per prompt token.
 _PER_IMAGE_ARGUMENTS = ("image_grid_thw", "video_grid_thw", "image_sizes", "second_per_grid_ts", "pixel_values_videos",
                         "pixel_attention_mask", "image_sizes_videos", "batch_num_images")
@@ -308,12 +310,18 @@ class G2TRHandle:
                 arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
             )
         result["mm_encoder_outputs"] = mm
-        for name in family.rebuilt:
+        # The row's per-token inputs, and the token-type tensors processors return even where
+        # the model only passes them on (generate slices and extends them like input_ids).
+        for name in dict.fromkeys(family.rebuilt + _TOKEN_TYPES):
             if name in ("attention_mask", "position_ids", "labels"):
                 continue
             value = arguments.pop(name, None)
-            if value is not None:
-                result[name] = gather_columns(value, layout.index, 0)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[-2:]) != tuple(input_ids.shape):
+                raise ValueError(f"g2tr.hf: {name} must be a tensor ending in the shape of input_ids "
+                                 f"{list(input_ids.shape)}")
+            result[name] = gather_columns(value, layout.index, 0)
         _refuse_unrebuilt(arguments, input_ids)
         if position_ids is not None:
             result["position_ids"] = layout.position_ids
