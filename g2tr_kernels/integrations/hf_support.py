@@ -54,7 +54,7 @@ FAMILIES: Dict[str, Family] = {
     for f in (
         _row("llava", SQUARE, "square", handles={"image_sizes"}, vision_kwargs=_LLAVA_KW,
              vision_towers=("clip_vision_model", "siglip_vision_model"),
-             notes="CLIP / SigLIP towers; the CLS token is dropped by the model (strategy 'default')"),
+             notes="CLIP (strategy 'default': CLS dropped) or SigLIP (strategy 'full') towers"),
         _row("internvl", SQUARE, "square", handles={"image_sizes"}, vision_kwargs=_LLAVA_KW,
              notes="each 448 tile is its own image (one VAE image per tile)"),
         _row("gemma3", SQUARE, "square", rebuilt=("token_type_ids",), handles={"token_type_ids"},
