@@ -606,6 +606,12 @@ def test_a_capability_the_row_does_not_handle_is_refused():
     config.vision_feature_select_strategy = "full"
     with pytest.raises(NotImplementedError, match="CLS"):
         apply_g2tr(transformers.LlavaForConditionalGeneration(config), tiny_vae())
+    from test_hf import tiny_internvl
+
+    internvl = tiny_internvl()
+    internvl.config.vision_feature_select_strategy = "full"
+    with pytest.raises(NotImplementedError, match="CLS token of internvl_vision"):
+        apply_g2tr(internvl, tiny_vae())
 
 
 def test_support_table_is_in_the_readme():

@@ -197,15 +197,16 @@ def resolve(model) -> Family:
 def _llava_check(model) -> Optional[str]:
     strategy = getattr(model.config, "vision_feature_select_strategy", "default")
     tower = getattr(getattr(model.config, "vision_config", None), "model_type", None)
-    has_cls = tower == "clip_vision_model"
+    has_cls = tower in ("clip_vision_model", "internvl_vision")
     if has_cls and strategy != "default":
-        return f"vision_feature_select_strategy {strategy!r} keeps CLIP's CLS token, so the tokens are not a grid"
+        return f"vision_feature_select_strategy {strategy!r} keeps the CLS token of {tower}, so the tokens are not a grid"
     if not has_cls and strategy == "default":
         return f"vision_feature_select_strategy 'default' drops a patch token of {tower} (it has no CLS token)"
     return None
 
 
-_CHECKS: Dict[str, Callable] = {"llava": _llava_check, "llava_next": _llava_check, "llava_onevision": _llava_check}
+# Which feature strategies leave a grid of patch tokens (CLS dropped, no patch dropped).
+_CHECKS: Dict[str, Callable] = {name: _llava_check for name in ("llava", "internvl", "llava_next", "llava_onevision")}
 
 
 def render_markdown() -> str:
