@@ -712,3 +712,24 @@ def test_token_types_a_processor_adds_are_rebuilt_even_where_the_row_does_not_na
         model(**inputs, vae_pixel_values=case.vae_images)
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
     assert handle.last.layout.input_ids.shape[1] < inputs["input_ids"].shape[1]
+
+
+def test_qwen3_vl_moe_forward_keep_all_and_half():
+    # the MoE text model under the Qwen3-VL row: forward only (generate goes the same path)
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    case = _qwen_case(transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration, vision,
+                      text=dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16))
+    case.model_vae = tiny_vae()
+    model, inputs = case.model, case.inputs
+    reduced, _, _ = hand_reduced(case, 0.5)
+    reduced.pop("_rope_deltas")
+    with torch.no_grad():
+        ref_all, ref_half = model(**inputs).logits, model(**reduced).logits
+        handle = apply_g2tr(model, case.model_vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
+        same = model(**inputs, vae_pixel_values=case.vae_images).logits
+        handle.remove()
+        apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+        half = model(**inputs, vae_pixel_values=case.vae_images).logits
+    torch.testing.assert_close(same, ref_all, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(half, ref_half, atol=1e-5, rtol=1e-5)
