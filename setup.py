@@ -81,6 +81,7 @@ setup(
     name="g2tr_kernels",
     version=VERSION,
     packages=find_packages(include=["g2tr_kernels", "g2tr_kernels.*"]),
+    package_data={"g2tr_kernels": ["py.typed"]},  # PEP 561: the inline annotations are the types
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
