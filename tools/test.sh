@@ -41,3 +41,10 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 "$VENV/bin/cmake" "${CMAKE_ARGS[@]}" > build/cmake-configure.log 2>&1 || { tail -n 40 build/cmake-configure.log; exit 1; }
 "$VENV/bin/cmake" --build build/cmake -j2 > build/cmake-build.log 2>&1 || { tail -n 40 build/cmake-build.log; exit 1; }
 "$VENV/bin/ctest" --test-dir build/cmake --output-on-failure
+
+# Packaging: sdist + wheel (`python -m build --no-isolation`), the wheel installed with its
+# [bench] extra into a fresh venv beside torch, `g2tr info` and a small `g2tr bench` from
+# outside the clone (about 1.5 minutes on 2 cores; reuses the extension built above).
+bash tools/wheel_check.sh
+# Lint: ruff and clang-format as configured in pyproject.toml / .clang-format (seconds).
+bash tools/lint.sh
