@@ -355,6 +355,32 @@ def _parses(parser: argparse.ArgumentParser, argv: List[str]) -> None:
         raise AssertionError(f"`{' '.join(argv)}` is refused by the parser (exit {error.code})") from None
 
 
+class _Parsed(Exception):
+    pass
+
+
+def _main_parses(command: str, module, argv: List[str]) -> None:
+    """Runs module.main() only as far as its argparse call, with argv as the arguments."""
+    assert callable(getattr(module, "main", None)), f"{command}: {module.__name__} has no main()"
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        try:
+            original(self, argv, namespace)
+        except SystemExit as error:
+            raise AssertionError(f"`{command}` is refused by the parser (exit {error.code})") from None
+        raise _Parsed
+
+    argparse.ArgumentParser.parse_args = parse_and_stop
+    try:
+        module.main()
+    except _Parsed:
+        return
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    raise AssertionError(f"{command}: main() returned without parsing its arguments")
+
+
 def check_command(command: str) -> None:
     words = shlex.split(command)
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value prefixes
@@ -369,10 +395,7 @@ def check_command(command: str) -> None:
     elif words[:1] == ["g2tr"] or words[:3] == ["python", "-m", "g2tr_kernels"]:
         _parses(_bench_parser(), words[1:] if words[0] == "g2tr" else words[3:])
     elif words[:2] == ["python", "-m"] and words[2].startswith("g2tr_kernels."):
-        module = importlib.import_module(words[2])
-        parser = module._parser() if hasattr(module, "_parser") else None
-        assert parser is not None, f"{command}: {words[2]} has no command-line parser"
-        _parses(parser, words[3:])
+        _main_parses(command, importlib.import_module(words[2]), words[3:])
     elif "pytest" in words:
         at = words.index("pytest")
         paths = [w for w in words[at + 1:] if not w.startswith("-") and "/" in w]
@@ -411,6 +434,8 @@ def test_command_check_catches_a_wrong_flag():
         check_command("g2tr bench --no-such-flag")
     with pytest.raises(AssertionError, match="does not exist"):
         check_command("bash tools/no_such_tool.sh")
+    with pytest.raises(AssertionError, match="refused"):
+        check_command("python -m g2tr_kernels.bench.e2e --e2e-no-such-flag 3")
 
 
 # ----------------------------------------------------------------------------------------
