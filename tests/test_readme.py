@@ -93,16 +93,20 @@ def _anchors(ns):
 
     ns["latents"] = [torch.randn(16, 32, 32, generator=g), torch.randn(16, 20, 28, generator=g)]
     ns["model"] = types.SimpleNamespace(vae2llm=torch.nn.Linear(64, 3584))
-    ns["vit_tokens"] = torch.randn(4, 8, generator=g).bfloat16()
-    ns["vae"] = tiny_vae()
+    ns["vit_grids"] = [(8, 8), (6, 10)]
+    ns["vit_tokens"] = torch.randn(64 + 60, 2048, generator=g).bfloat16()
+    ns["vae"] = tiny_vae()  # downsamples by 2: 32 x 32 and 24 x 40 images give 16 x 16 and 12 x 20 latents
     ns["img_a"] = torch.rand(3, 32, 32, generator=g) * 2 - 1
     ns["img_b"] = torch.rand(3, 24, 40, generator=g) * 2 - 1
+    ns["images"] = [ns["img_a"], ns["img_b"]]
 
 
 def _anchors_post(ns):
-    # the last line's anchors: two images through a VAE that downsamples by 2, pool 1
+    # the last anchors: through the VAE, pool="auto" to no finer than each ViT grid
     assert ns["anchors"].dtype == torch.bfloat16 and ns["anchors"].shape[1] == 2048
-    assert ns["anchor_grids"] == [(16, 16), (12, 20)]
+    assert ns["anchor_grids"] == [(8, 8), (6, 10)]
+    if "out" in ns:
+        assert ns["out"].merged.shape == (32 + 32, 2048)  # min_keep = 32 for 64 and 60 tokens
 
 
 class _TinyProcessor:
@@ -270,7 +274,8 @@ def _viz_post(ns):
 
 PREAMBLES: Dict[str, Callable] = {
     "API": _api,
-    "Anchors from the VAE": _anchors,
+    "Anchors from the VAE#0": _anchors,
+    "Anchors from the VAE#1": _anchors,
     "Hugging Face VLMs: one call": _hf,
     "BAGEL and other packed (NaViT) layouts": _bagel,
     "FastV-style code#0": _fastv,
@@ -281,7 +286,8 @@ PREAMBLES: Dict[str, Callable] = {
 }
 POSTAMBLES: Dict[str, Callable] = {
     "API": _api_post,
-    "Anchors from the VAE": _anchors_post,
+    "Anchors from the VAE#0": _anchors_post,
+    "Anchors from the VAE#1": _anchors_post,
     "Hugging Face VLMs: one call": _hf_post,
     "BAGEL and other packed (NaViT) layouts": _bagel_post,
     "FastV-style code#0": _fastv_before_post,
@@ -442,6 +448,7 @@ def test_command_check_catches_a_wrong_flag():
 # The API tables against the code.
 ENTRY_POINTS = [  # beyond g2tr_kernels.__all__: what the integrations sections tell users to call
     "anchors.anchors_from_latents", "anchors.anchors_from_vae", "anchors.encode_latents",
+    "anchors.normalize_latents", "anchors.prepare_anchors",
     "integrations.hf.apply_g2tr",
     "integrations.pruning.select_with_scores", "integrations.pruning.g2tr_select_with_scores",
     "integrations.pruning.fastv_scores", "integrations.pruning.fastv_keep_indexes",
