@@ -4,8 +4,9 @@
 #     build input (csrc/, python/, CMakeLists.txt, setup.py, ...); the wheel packages the
 #     extension test.sh has just built (G2TR_PREBUILT_EXTENSION, see setup.py) instead of
 #     compiling it again. G2TR_WHEEL_FROM_SDIST=1 builds the wheel from the sdist instead,
-#     a full compile (about 5 minutes on 2 cores, CPU kernels only).
+#     a full compile of the CPU kernels (16.7 min measured here, 2 cores at load average ~16).
 #  2. a fresh venv that sees torch (and only what torch itself requires) from .venv;
+#     the versions pip picks are held to requirements.txt (the tested ones, likely cached);
 #     `pip install "<wheel>[bench]"` must bring everything else `g2tr bench` imports.
 #  3. from a folder outside the clone: `g2tr info` and a small `g2tr bench`.
 set -euo pipefail
@@ -83,7 +84,7 @@ print(f"wheel_check: torch and the {len(seen) - 1} distributions it requires, li
 EOF
 echo "$OUT/torch-only" > "$SITE/g2tr-wheel-check-torch.pth"
 "$OUT/venv/bin/python" -m pip install --quiet --upgrade pip > /dev/null
-"$OUT/venv/bin/python" -m pip install --quiet "$WHEEL[bench]" > "$OUT/pip.log" 2>&1 || { tail -n 40 "$OUT/pip.log"; exit 1; }
+"$OUT/venv/bin/python" -m pip install --quiet -c requirements.txt "$WHEEL[bench]" > "$OUT/pip.log" 2>&1 || { tail -n 40 "$OUT/pip.log"; exit 1; }
 
 cd "$(mktemp -d)"  # outside the clone: the installed wheel, not the source tree, must answer
 "$OUT/venv/bin/g2tr" info
