@@ -45,7 +45,7 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 # Packaging: sdist + wheel (`python -m build --no-isolation`), the wheel installed with its
 # [bench] extra into a fresh venv beside torch, `g2tr info` and a small `g2tr bench` from
 # outside the clone; reuses the extension built above, no second compile (224 s measured on
-# 2 cores at load average ~16, most of it pip installing the [bench] extra).
+# 2 cores at load average ~16).
 bash tools/wheel_check.sh
 # Lint: ruff and clang-format as configured in pyproject.toml / .clang-format (seconds).
 bash tools/lint.sh
