@@ -396,8 +396,12 @@ def check_command(command: str) -> None:
         assert script.is_file(), f"{command}: {words[1]} does not exist"
         if words[1] == "tools/bench.sh":  # passes its arguments to `g2tr bench`
             _parses(_bench_parser(), ["bench", *words[2:]])
-        else:
-            assert words[2:] == [], f"{command}: {words[1]} takes no arguments"
+        else:  # a shell script parses its own flags: each one shown must be one it handles
+            source = script.read_text()
+            for flag in (w.split("=")[0] for w in words[2:] if w.startswith("-")):
+                assert re.search(rf"(^|[\s|\"'(]){re.escape(flag)}($|[\s|\"')=])", source, re.M), (
+                    f"{command}: {words[1]} does not handle {flag}"
+                )
     elif words[:1] == ["g2tr"] or words[:3] == ["python", "-m", "g2tr_kernels"]:
         _parses(_bench_parser(), words[1:] if words[0] == "g2tr" else words[3:])
     elif words[:2] == ["python", "-m"] and words[2].startswith("g2tr_kernels."):
@@ -440,6 +444,8 @@ def test_command_check_catches_a_wrong_flag():
         check_command("g2tr bench --no-such-flag")
     with pytest.raises(AssertionError, match="does not exist"):
         check_command("bash tools/no_such_tool.sh")
+    with pytest.raises(AssertionError, match="does not handle --no-such-flag"):
+        check_command("bash tools/setup.sh --no-such-flag")
     with pytest.raises(AssertionError, match="refused"):
         check_command("python -m g2tr_kernels.bench.e2e --e2e-no-such-flag 3")
 
