@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.util
 import inspect
 import re
 import shlex
@@ -272,6 +273,18 @@ def _viz_post(ns):
     assert Path("reduction.png").stat().st_size > 0
 
 
+def _vllm(ns):
+    # vLLM is not a dependency of the main environment: the block runs where tools/vllm_env.sh
+    # installed it (.venv-vllm). There, the paths it names are made: a tiny LLaVA and VAE.
+    pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is installed only in .venv-vllm (tools/vllm_env.sh)")
+    spec = importlib.util.spec_from_file_location("readme_tiny_models", ROOT / "tests" / "vllm" / "tiny_models.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    tiny.build_llava("path/to/llava")
+    tiny.build_vae("path/to/diffusers/vae")
+    ns["pil_image"] = tiny.make_image(64, 64)
+
+
 PREAMBLES: Dict[str, Callable] = {
     "API": _api,
     "Anchors from the VAE#0": _anchors,
@@ -295,6 +308,10 @@ POSTAMBLES: Dict[str, Callable] = {
     "ToMe-style code#1": _tome_after_post,
     "Seeing what was kept": _viz_post,
 }
+
+
+if "Serving with vLLM" in {b.key for b in of("python")}:  # the section lands with the vLLM plugin
+    PREAMBLES["Serving with vLLM"] = _vllm
 
 
 @pytest.mark.parametrize("block", of("python"), ids=lambda b: f"L{b.line}:{b.key}")
