@@ -56,7 +56,8 @@ def _launches(arch: int, dims: Sequence[int] = DIMS, dtypes: Sequence[str] = DTY
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("triton_offline: unset TRITON_INTERPRET (interpreted kernels have no PTX)")
-    modules = {m: importlib.import_module(f"g2tr_kernels.triton.{m}") for m in ("anchor_scores", "balanced_topk", "merge")}
+    stems = ("anchor_scores", "balanced_topk", "merge")
+    modules = {m: importlib.import_module(f"g2tr_kernels.triton.{m}") for m in stems}
     reduce_mod = importlib.import_module("g2tr_kernels.triton.reduce")
     found: List[Tuple[str, object]] = []
     context = {"case": ""}

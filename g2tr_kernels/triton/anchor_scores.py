@@ -21,7 +21,16 @@ from torch.library import triton_op
 
 from .. import _checks
 from ._common import (
-    aligned_rows, image_table, interpreted, inv_norm, launch, launch_guard, launchable, padded_width, rank_key, starts,
+    aligned_rows,
+    image_table,
+    interpreted,
+    inv_norm,
+    launch,
+    launch_guard,
+    launchable,
+    padded_width,
+    rank_key,
+    starts,
 )
 
 Pairs = Sequence[Tuple[int, int]]

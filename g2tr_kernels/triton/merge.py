@@ -36,8 +36,18 @@ from torch.library import triton_op
 
 from .. import _checks
 from ._common import (
-    aligned_rows, count_blocks, image_table, interpreted, inv_norm, key_index, launch, launch_guard, launchable,
-    padded_width, rank_key, starts,
+    aligned_rows,
+    count_blocks,
+    image_table,
+    interpreted,
+    inv_norm,
+    key_index,
+    launch,
+    launch_guard,
+    launchable,
+    padded_width,
+    rank_key,
+    starts,
 )
 
 # The merge kernels read one int64 row per image (_image_row): tok_begin, n, k, keep_begin
@@ -373,7 +383,8 @@ def merge_tokens(
                 splits = _splits(sum(triton.cdiv(m, block_m) for m in drops), kept_tiles, device)
             grid = (triton.cdiv(max_drop, block_m), max(1, min(splits, kept_tiles)), b)
             launch(_assign_kernel)[grid](
-                tokens, keep_idx, dropped, inv_norms, table, best, width, tokens.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                tokens, keep_idx, dropped, inv_norms, table, best, width, tokens.stride(0),
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
             )
             block_i, block_j = count_blocks()
@@ -385,7 +396,8 @@ def merge_tokens(
         # Rows D apart are not 16-element aligned for odd D: write padded rows, copy once.
         out = merged if width == dim else torch.empty((k_total, width), dtype=tokens.dtype, device=device)
         launch(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, mean_d), b)](
-            tokens, keep_idx, group_tok, group_target, table, out, float(merge_weight), width, tokens.stride(0), out.stride(0),
+            tokens, keep_idx, group_tok, group_target, table, out, float(merge_weight), width,
+            tokens.stride(0), out.stride(0),
             BLOCK_R=block_r, BLOCK_D=mean_d, STEPS=max(max_drop, 1).bit_length(),
         )
         if out is not merged:

@@ -34,8 +34,8 @@ std::vector<int64_t> repeat(std::vector<int64_t> v, int times) {
 void check(const Workload& w, int sms, int block) {
   std::vector<int64_t> kept;
   for (int64_t n : w.lengths) kept.push_back(g2tr::budget(n, 0.5, 32));
-  const int splits = g2tr::choose_splits(w.lengths.data(), kept.data(), static_cast<int64_t>(w.lengths.size()),
-                                         block, block, sms);
+  const int splits =
+      g2tr::choose_splits(w.lengths.data(), kept.data(), static_cast<int64_t>(w.lengths.size()), block, block, sms);
   expect(splits >= 1 && splits <= 65535, "split count in [1, 65535]", w.name, sms, block);
   int64_t row_tiles_max = 0, busy_blocks = 0;
   for (size_t b = 0; b < w.lengths.size(); ++b) {
