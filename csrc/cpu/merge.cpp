@@ -3,8 +3,8 @@
 // 1. assignment: for dropped rows in tiles, a matrix product against all kept rows of
 //    the image with the row argmax folded in; nothing of size (N-K) x K is ever held.
 //    The product runs on the path merge_path.h picks for this CPU and dtype: the
-//    AVX512-BF16 dot-argmax micro-kernel (dot_argmax.cpp), fp32 GEMM tiles (at::mm) or
-//    bf16 GEMM tiles with fp32 output (oneDNN through at::native::cpublas::brgemm).
+//    AVX512-BF16 dot-argmax micro-kernel (dot_argmax.cpp), fp32 GEMM blocks (at::mm) or
+//    bf16 GEMM blocks with fp32 output (MKL through at::native::cpublas::brgemm).
 // 2. mean: dropped tokens grouped by target in ascending index order (a counting sort),
 //    then each kept row sums its group in that fixed order: deterministic, no atomics.
 // Large images run one after another, each spread over all threads; many small images
@@ -28,7 +28,7 @@ namespace {
 
 // Dropped rows per GEMM call: each call re-packs all K kept rows inside the library, so the
 // block is large (packing amortised over 512 rows) while its 512 x K similarity block stays
-// small (4.8 MB at K = 2450). The call itself is threaded by the library (MKL / oneDNN),
+// small (4.8 MB at K = 2450). The call itself is threaded by the library (MKL),
 // which partitions it better than fixed row tiles do.
 constexpr int64_t kGemmRows = 512;
 
@@ -104,7 +104,7 @@ void assign_fp32_gemm(const T* rows, int64_t dim, const std::vector<int64_t>& dr
 }
 
 // bf16_gemm: the library's bf16 x bf16 -> fp32 GEMM. cpublas::brgemm without VNNI packing
-// is ATen's exported entry to it (oneDNN matmul, on AMX tiles where present); it takes
+// is ATen's exported entry to it (MKL cblas_gemm_bf16bf16f32, on AMX tiles where present); it takes
 // row-major A [rows, d] and B [d, n], so the kept rows are gathered transposed once.
 void assign_bf16_gemm(const c10::BFloat16* rows, int64_t dim, const std::vector<int64_t>& dropped,
                       const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {

@@ -81,10 +81,10 @@ const CpuFeatures& cpu_features() {
 
 MergePathChoice choose_merge_path(const CpuFeatures& cpu, at::ScalarType dtype) {
   if (dtype != at::kBFloat16)
-    return {MergePath::fp32_gemm, std::string(c10::toString(dtype)) +
-                                      " input: rows upcast to fp32 tiles through at::mm (the only path for it)"};
+    return {MergePath::fp32_gemm, std::string(dtype == at::kHalf ? "float16" : "float32") +
+                                      " input: rows upcast to fp32 blocks through at::mm (MKL), its only path"};
   if (cpu.amx_bf16)
-    return {MergePath::bf16_gemm, "amx_bf16: the bf16 x bf16 -> fp32 oneDNN GEMM runs on AMX tiles"};
+    return {MergePath::bf16_gemm, "amx_bf16: the bf16 x bf16 -> fp32 MKL GEMM runs on AMX tiles"};
   if (cpu.vendor == "AuthenticAMD" && cpu.avx512_bf16)
     return {MergePath::bf16_dot,
             "AMD with avx512_bf16: vdpbf16ps does twice the work of an fp32 FMA per cycle, so the fused "

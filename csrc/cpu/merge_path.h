@@ -10,9 +10,17 @@
 //              The only path for fp32 and fp16 inputs; for bf16 the fastest on Intel CPUs
 //              without AMX, where vdpbf16ps does no more work per cycle than fp32 FMAs and
 //              MKL runs near the fp32 peak.
-//   bf16_gemm  bf16 tiles through the bf16 x bf16 -> fp32 library GEMM
-//              (at::native::cpublas::brgemm without VNNI packing -> oneDNN matmul, AMX tiles
-//              where the CPU has them), argmax over the tile.
+//   bf16_gemm  bf16 tiles through the library's bf16 x bf16 -> fp32 GEMM: ATen's exported
+//              at::native::cpublas::brgemm without VNNI packing, which on x86 builds is MKL's
+//              cblas_gemm_bf16bf16f32 (AMX tiles on Intel CPUs that have them; on AMD, MKL
+//              runs it at about its fp32 speed). argmax over the tile. What else torch 2.14
+//              offers for bf16 with an fp32 result on the CPU, and why it is not used:
+//              torch.mm(out_dtype=float32) / aten::mm.dtype has no CPU kernel;
+//              at::native::mkldnn_matmul (oneDNN) requires the result in the input dtype, and a
+//              bf16-rounded similarity would change the argmax; oneDNN's own bf16 -> fp32 GEMM
+//              (mkldnn_bf16f32_gemm) is internal to libtorch and reached on ARM only; the oneDNN
+//              brgemm ukernel (brgemm with is_vnni) needs hand-packed panels, which is what the
+//              bf16_dot micro-kernel already is.
 // The choice is a fixed rule on the CPU's features (choose_merge_path), never a timing taken
 // at run time, so one machine gives the same bits on every run. G2TR_CPU_MERGE=bf16_dot|
 // fp32_gemm|bf16_gemm overrides it for bf16 inputs (e.g. fp32_gemm on every machine: the same
@@ -47,7 +55,7 @@ struct MergePathChoice {
 };
 
 // The rule, on any feature set (so it can be checked for CPUs this build never runs on):
-//   amx_bf16                   -> bf16_gemm (oneDNN runs the product on AMX tiles)
+//   amx_bf16                   -> bf16_gemm (MKL runs the product on AMX tiles)
 //   AMD with avx512_bf16       -> bf16_dot
 //   anything else              -> fp32_gemm (Intel without AMX: vdpbf16ps is no faster than
 //                                 fp32 FMA; no avx512_bf16: no bf16 arithmetic at all)

@@ -148,8 +148,9 @@ def write_markdown(result: Dict[str, Any], path: str) -> None:
         f"- peak extra memory: {MEMORY_METHOD['cuda' if result['machine']['device'].startswith('cuda') else 'cpu']}.",
         "- vs base: speedup over the stage's base row (the reference path; for the mean-only stage, index_add). "
         "vs published: speedup over the published structure (whole reduction rows only). / floor: time divided by "
-        "the faster of the two floor rows, one plain matmul of each image's merge shape ((N-K) x D times D x K), "
-        "summed over images, in fp32 (MKL on the CPU) and in bf16 (oneDNN on the CPU), same device, same run. "
+        "the faster floor row, one plain matmul of each image's merge shape ((N-K) x D times D x K), "
+        "summed over images, in fp32 (MKL on the CPU) and, for bf16 inputs, in bf16 (oneDNN on the CPU), same "
+        "device, same run. "
         "Rows `g2tr cpu, <path>` force the CPU merge onto one path (G2TR_CPU_MERGE); `g2tr cpu` is the automatic "
         "choice (build_info()['cpu_merge']).",
         "- cases are timed interleaved (every case's first call, then rounds of one timed call per case), so drift "

@@ -323,8 +323,12 @@ def floor_case(workload: Workload, keep_ratio: float, min_keep: int, device: tor
     return Case(floor_name(dtype), "floor", "floor", run, note=f"sum over images of (N-K)xD @ DxK in {dtype}{where}")
 
 
-def floor_cases(workload: Workload, keep_ratio: float, min_keep: int, device: torch.device) -> List[Case]:
-    return [floor_case(workload, keep_ratio, min_keep, device, dtype=dt) for dt in FLOOR_DTYPES]
+def floor_cases(workload: Workload, keep_ratio: float, min_keep: int, device: torch.device,
+                input_dtype: torch.dtype = torch.bfloat16) -> List[Case]:
+    """Both floors for bf16 inputs; for fp32 and fp16 inputs only the fp32 one (a bf16 product
+    does not compute their similarities to the precision the merge needs)."""
+    dtypes = FLOOR_DTYPES if input_dtype == torch.bfloat16 else (torch.float32,)
+    return [floor_case(workload, keep_ratio, min_keep, device, dtype=dt) for dt in dtypes]
 
 
 # ----------------------------------------------------------------------------- CPU merge paths
@@ -598,7 +602,7 @@ def run_workload(workload: Workload, opts: Options, progress=None) -> Dict[str, 
     grids, anchor_grids = list(workload.grids), list(workload.anchor_grids)
     ref = ops.reduce(tokens, anchors, grids, anchor_grids, opts.keep_ratio, opts.min_keep, backend="reference")
     cases = build_cases(workload, tokens, anchors, ref, opts, backends)
-    cases += floor_cases(workload, opts.keep_ratio, opts.min_keep, opts.device)
+    cases += floor_cases(workload, opts.keep_ratio, opts.min_keep, opts.device, opts.dtype)
     rows = run_cases(cases, opts, progress, workload.id)
     _fill_ratios(rows)
     budgets = workload.budgets(opts.keep_ratio, opts.min_keep)
