@@ -355,7 +355,9 @@ def _s(value: Optional[float]) -> str:
 
 
 def _layers(value: float) -> str:
-    return "never (K tokens are not faster here)" if value == float("inf") else f"{value:.1f} layers"
+    if value == float("inf"):
+        return "never (K tokens are not faster here)"
+    return f"{value:.1f} layers" if value >= 1 else f"{value:.2f} layers"
 
 
 def markdown(result: Dict[str, Any]) -> str:
