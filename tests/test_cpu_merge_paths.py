@@ -5,9 +5,6 @@ tools/test.sh also runs tests/test_merge.py and tests/test_reduce.py whole under
 path; these are the path-specific checks (bf16 inputs, where the paths differ)."""
 import pytest
 import torch
-
-import g2tr_kernels as g2tr
-from g2tr_kernels import _native
 from helpers import (
     WORKLOADS,
     assert_merge_matches,
@@ -17,6 +14,9 @@ from helpers import (
     make_ternary_workload,
     make_workload,
 )
+
+import g2tr_kernels as g2tr
+from g2tr_kernels import _native
 
 ENV = "G2TR_CPU_MERGE"
 

@@ -46,8 +46,7 @@ int64_t bf16_rows_per_task(int64_t m) {
 
 // best[r] = the lowest j with the largest (sim[r][j] * b_scale[j]) * a_scale[r]: the value
 // and tie rule of dot_argmax_rows, so every path ranks the same similarities the same way.
-void tile_argmax(const float* sim, int64_t rows, int64_t n, const float* a_scale, const float* b_scale,
-                 int64_t* best) {
+void tile_argmax(const float* sim, int64_t rows, int64_t n, const float* a_scale, const float* b_scale, int64_t* best) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* sp = sim + r * n;
     float best_val = -std::numeric_limits<float>::infinity();
@@ -66,8 +65,8 @@ void tile_argmax(const float* sim, int64_t rows, int64_t n, const float* a_scale
 // A GEMM path: for blocks of dropped rows, gather them (gather_rows), one library GEMM
 // against all kept rows (gemm), then the row argmax of the block spread over the threads.
 template <typename Gather, typename Gemm>
-void assign_by_gemm(int64_t m, int64_t n, const float* a_scale, const float* b_scale, int64_t* best,
-                    Gather gather_rows, Gemm gemm) {
+void assign_by_gemm(int64_t m, int64_t n, const float* a_scale, const float* b_scale, int64_t* best, Gather gather_rows,
+                    Gemm gemm) {
   auto sim = at::empty({std::min(kGemmRows, m), n}, at::kFloat);
   float* sp = sim.data_ptr<float>();
   for (int64_t r0 = 0; r0 < m; r0 += kGemmRows) {
@@ -82,8 +81,8 @@ void assign_by_gemm(int64_t m, int64_t n, const float* a_scale, const float* b_s
 
 // fp32_gemm: kept rows widened to fp32 once, dropped rows a block at a time, at::mm (MKL).
 template <typename T>
-void assign_fp32_gemm(const T* rows, int64_t dim, const std::vector<int64_t>& dropped,
-                      const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
+void assign_fp32_gemm(const T* rows, int64_t dim, const std::vector<int64_t>& dropped, const std::vector<int64_t>& kept,
+                      const float* a_scale, const float* b_scale, int64_t* best) {
   const int64_t m = dropped.size(), n = kept.size();
   auto widen = [&](const std::vector<int64_t>& which, int64_t first, int64_t count, float* out) {
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
@@ -170,7 +169,7 @@ void merge_image(MergePath path, const T* tokens, int64_t dim, const Images& im,
   for (int64_t r = 0, prev = -1; r < k; ++r) {
     const int64_t t = keep_idx[out0 + r] - first;
     TORCH_CHECK_VALUE(t > prev && t < n, "g2tr.merge: keep_idx of image ", b, " must be strictly ascending within [",
-                first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
+                      first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
     for (int64_t d = prev + 1; d < t; ++d) dropped.push_back(d);
     kept[r] = t;
     prev = t;
@@ -237,7 +236,8 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
     });
     return;
   }
-  for (int64_t b = 0; b < im.count(); ++b) merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, merged, assign);
+  for (int64_t b = 0; b < im.count(); ++b)
+    merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, merged, assign);
 }
 
 #define G2TR_INSTANTIATE(T)                                                                                  \

@@ -45,8 +45,8 @@ CpuFeatures read_cpu_features() {
   __get_cpuid(1, &a, &b, &c, &d);
   const unsigned base_family = (a >> 8) & 0xF, base_model = (a >> 4) & 0xF;
   f.family = static_cast<int>(base_family == 0xF ? base_family + ((a >> 20) & 0xFF) : base_family);
-  f.model = static_cast<int>(base_family == 0x6 || base_family == 0xF ? (((a >> 16) & 0xF) << 4) | base_model
-                                                                       : base_model);
+  f.model =
+      static_cast<int>(base_family == 0x6 || base_family == 0xF ? (((a >> 16) & 0xF) << 4) | base_model : base_model);
   // The OS must save the registers too: XCR0 bits 5-7 (opmask, zmm) and 17-18 (AMX tiles).
   const bool osxsave = (c >> 27) & 1;
   unsigned long long xcr0 = 0;
@@ -83,8 +83,7 @@ MergePathChoice choose_merge_path(const CpuFeatures& cpu, at::ScalarType dtype) 
   if (dtype != at::kBFloat16)
     return {MergePath::fp32_gemm, std::string(dtype == at::kHalf ? "float16" : "float32") +
                                       " input: rows upcast to fp32 blocks through at::mm (MKL), its only path"};
-  if (cpu.amx_bf16)
-    return {MergePath::bf16_gemm, "amx_bf16: the bf16 x bf16 -> fp32 MKL GEMM runs on AMX tiles"};
+  if (cpu.amx_bf16) return {MergePath::bf16_gemm, "amx_bf16: the bf16 x bf16 -> fp32 MKL GEMM runs on AMX tiles"};
   if (cpu.vendor == "AuthenticAMD" && cpu.avx512_bf16)
     return {MergePath::bf16_dot,
             "AMD with avx512_bf16: vdpbf16ps does twice the work of an fp32 FMA per cycle, so the fused "

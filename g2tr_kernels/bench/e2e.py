@@ -286,7 +286,6 @@ def run_e2e(args=None) -> Dict[str, Any]:
         for _ in range(repeats):  # interleaved, so drift in the machine's speed hits both alike
             full_times += _time(prefill(full), device, 1)
             reduced_times += _time(prefill(reduced), device, 1)
-    del model
 
     full_s = statistics.median(full_times)
     reduced_s = statistics.median(reduced_times)
@@ -306,7 +305,8 @@ def run_e2e(args=None) -> Dict[str, Any]:
     result = {
         "config": {
             "llm": f"Qwen2 (random weights), hidden {hidden}, intermediate {config.intermediate_size}, "
-            f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, {layers} layer(s) timed, sdpa",
+            f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, "
+            f"{layers} layer(s) timed, sdpa",
             "hidden": hidden, "layers": layers, "depth": depth, "intermediate": config.intermediate_size,
             "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "workload": workload.id, "images": images, "grids": grids, "anchor_grids": anchor_grids,
@@ -314,7 +314,8 @@ def run_e2e(args=None) -> Dict[str, Any]:
             "device": str(device), "repeats": repeats, "warmup": warmup, "seed": seed,
             "threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__, "build_s": round(build_s, 2),
             "vae": ("FLUX AE encoder (tiny smoke-test widths)" if quick else "FLUX AE encoder") + ", random weights, "
-            f"block_out_channels {vae_config['block_out_channels']}, layers_per_block {vae_config['layers_per_block']}, "
+            f"block_out_channels {vae_config['block_out_channels']}, "
+            f"layers_per_block {vae_config['layers_per_block']}, "
             f"latent_channels {vae_config['latent_channels']}" if vae_kind == "flux" else "none",
             "vae_inputs": [list(s) for s in sides], "vae_repeats": vae_repeats if vae_kind == "flux" else 0,
             "anchors_from_vae": vae_resolution is None,
@@ -375,7 +376,8 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         f"Measured ({c['layers']} decoder layer(s)):",
         "",
-        "| | visual tokens | prompt tokens | prefill FLOPs | prefill | + reduce | + pool & project | + VAE encode | total |",
+        "| | visual tokens | prompt tokens | prefill FLOPs | prefill | + reduce | + pool & project | + VAE encode "
+        "| total |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| vanilla | {v['full']:,} | {s['full']:,} | {_flops(f['full'])} | {_s(p['full'])} | | | | {_s(p['full'])} |",
         f"| G2TR | {v['reduced']:,} | {s['reduced']:,} | {_flops(f['reduced'])} | {_s(p['reduced'])} "
@@ -385,7 +387,8 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append(f"| G2TR, understanding (VAE run for the anchors) | | | | | | | {_s(result['vae_s'])} "
                      f"| {_s(p['reduced'] + added_edit + result['vae_s'])} |")
     lines += [
-        f"| ratio | {v['ratio']:.2f}x | {s['ratio']:.2f}x | {f['ratio']:.2f}x | {p['full'] / p['reduced']:.2f}x | | | | "
+        f"| ratio | {v['ratio']:.2f}x | {s['ratio']:.2f}x | {f['ratio']:.2f}x | "
+        f"{p['full'] / p['reduced']:.2f}x | | | | "
         f"editing **{result['speedup']:.2f}x**"
         + (f", understanding **{result['speedup_understanding']:.2f}x**" if result["speedup_understanding"] else "")
         + " |",

@@ -381,10 +381,11 @@ def build_cases(
     if "cpu" in backends and device.type == "cpu":
         # Every merge path this CPU can run, side by side with the automatic choice.
         auto_path, paths = cpu_merge_paths(tokens.dtype)
+        run_cpu = reduce_with("cpu")
         for path in paths:
-            def forced(path=path, run=reduce_with("cpu")):
+            def forced(path=path):
                 with forced_cpu_merge(path):
-                    return run()
+                    return run_cpu()
 
             cases.append(Case(f"g2tr cpu, {path}", "reduce", "ours", forced, reduce_errors,
                               f"G2TR_CPU_MERGE={path}" + (" (the automatic choice here)" if path == auto_path else "")))
