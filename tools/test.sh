@@ -3,7 +3,7 @@
 #   bash tools/test.sh            # from a fresh clone, on Linux with python3 (venv) + g++
 # Steps: build (tools/setup.sh) -> ptxas report when CUDA kernels were built -> pytest
 # (tests/, Triton kernels under TRITON_INTERPRET=1) -> benchmark smoke run -> the bf16
-# micro-kernel check -> libtorch CMake build and its ctest.
+# micro-kernel check -> libtorch CMake build and its ctest -> (G2TR_SANITIZE=1) the ASan+UBSan run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
@@ -41,3 +41,10 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 "$VENV/bin/cmake" "${CMAKE_ARGS[@]}" > build/cmake-configure.log 2>&1 || { tail -n 40 build/cmake-configure.log; exit 1; }
 "$VENV/bin/cmake" --build build/cmake -j2 > build/cmake-build.log 2>&1 || { tail -n 40 build/cmake-build.log; exit 1; }
 "$VENV/bin/ctest" --test-dir build/cmake --output-on-failure
+
+# The C++ CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: their ctest and
+# the Python tests that attack the raw ops, fuzz cases included (tools/sanitize.sh). Two
+# more builds of the kernels: behind a flag, see the README's "Reliability" section.
+if [ "${G2TR_SANITIZE:-0}" = "1" ]; then
+  bash tools/sanitize.sh
+fi

@@ -33,22 +33,33 @@ int64_t bf16_rows_per_task(int64_t m) {
 
 // Best kept column of each dropped row, fp32 GEMM per tile; same value and tie rule as
 // dot_argmax_rows: value = (dot * b_scale[j]) * a_scale[i], strict > keeps the lowest j.
+// a_pow2 / b_pow2 (null: all 1): rows of extreme magnitude enter the GEMM multiplied by
+// their power of two (common.h cosine_pow2), so no dot product overflows.
 template <typename T>
 void assign_generic(const T* rows, int64_t dim, const std::vector<int64_t>& dropped,
-                    const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
+                    const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale,
+                    const float* a_pow2, const float* b_pow2, int64_t* best) {
   const int64_t m = dropped.size(), n = kept.size();
   auto kept_rows = at::empty({n, dim}, at::kFloat);
   float* kr = kept_rows.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) widen_row(kr + j * dim, rows + kept[j] * dim, dim);
+    for (int64_t j = begin; j < end; ++j) {
+      if (b_pow2) scale_row(kr + j * dim, rows + kept[j] * dim, b_pow2[j], dim);
+      else widen_row(kr + j * dim, rows + kept[j] * dim, dim);
+    }
   });
   const at::Tensor kept_t = kept_rows.t();
+  // A tile never holds more rows than there are: its memory is bounded by the input's.
+  const int64_t tile_rows = std::min(kRowTile, m);
   at::parallel_for(0, (m + kRowTile - 1) / kRowTile, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    auto tile = at::empty({kRowTile, dim}, at::kFloat);
+    auto tile = at::empty({tile_rows, dim}, at::kFloat);
     for (int64_t t = tile_begin; t < tile_end; ++t) {
       const int64_t r0 = t * kRowTile, rows_here = std::min(kRowTile, m - r0);
       float* tp = tile.data_ptr<float>();
-      for (int64_t r = 0; r < rows_here; ++r) widen_row(tp + r * dim, rows + dropped[r0 + r] * dim, dim);
+      for (int64_t r = 0; r < rows_here; ++r) {
+        if (a_pow2) scale_row(tp + r * dim, rows + dropped[r0 + r] * dim, a_pow2[r0 + r], dim);
+        else widen_row(tp + r * dim, rows + dropped[r0 + r] * dim, dim);
+      }
       const at::Tensor sim = at::mm(tile.narrow(0, 0, rows_here), kept_t);
       const float* sp = sim.const_data_ptr<float>();
       for (int64_t r = 0; r < rows_here; ++r) {
@@ -85,23 +96,32 @@ void assign_bf16(const c10::BFloat16* rows, int64_t dim, const std::vector<int64
   });
 }
 
+// a_pow2 / b_pow2: null when every row of the image has normal magnitude (see assign_generic).
 template <typename T>
 void assign_image(const T* rows, int64_t dim, const std::vector<int64_t>& dropped, const std::vector<int64_t>& kept,
-                  const float* a_scale, const float* b_scale, int64_t* best) {
+                  const float* a_scale, const float* b_scale, const float* a_pow2, const float* b_pow2,
+                  int64_t* best) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (dot_argmax_bf16_supported()) return assign_bf16(rows, dim, dropped, kept, a_scale, b_scale, best);
+    // The packed panels pad the kept rows to a multiple of the panel width: with few kept
+    // rows and a large D that padding would dwarf the input (2 x 2^24 bf16, one kept row:
+    // 1.5 GiB). Packing is used only when it at most doubles the kept rows; otherwise the
+    // fp32 GEMM path, whose buffers are at most twice the rows they widen. Extreme rows need
+    // their exact power-of-two scaling, which only the fp32 path applies.
+    const int64_t kept_elems = static_cast<int64_t>(kept.size()) * (dim + 1);
+    if (!a_pow2 && dot_argmax_bf16_supported() && dot_argmax_packed_size(kept.size(), dim) <= 2 * kept_elems)
+      return assign_bf16(rows, dim, dropped, kept, a_scale, b_scale, best);
   }
-  assign_generic(rows, dim, dropped, kept, a_scale, b_scale, best);
+  assign_generic(rows, dim, dropped, kept, a_scale, b_scale, a_pow2, b_pow2, best);
 }
 
 }  // namespace
 
 template <typename T>
 void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t* keep_idx, double merge_weight,
-                  const float* inv_norms, T* merged, int64_t* assign) {
+                  const float* inv_norms, const float* pow2s, T* merged, int64_t* assign) {
   const float lambda = static_cast<float>(merge_weight);
   std::vector<int64_t> kept, dropped, target, group_begin, group;
-  std::vector<float> inv, kept_inv, dropped_inv;
+  std::vector<float> inv, pow2, kept_inv, dropped_inv, kept_pow2, dropped_pow2;
   for (int64_t b = 0; b < im.count(); ++b) {
     const int64_t first = im.tokens_begin[b], n = im.length(b), k = im.kept(b), out0 = im.kept_begin[b];
     const T* rows = tokens + first * dim;
@@ -119,19 +139,34 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
         for (int64_t d = t + 1; d < n; ++d) dropped.push_back(d);
     }
     const float* image_inv = inv_norms ? inv_norms + first : nullptr;
+    const float* image_pow2 = inv_norms ? pow2s + first : nullptr;
     if (!image_inv) {
       inv.resize(n);
+      pow2.resize(n);
       at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) inv[t] = inv_norm(sumsq(rows + t * dim, dim));
+        for (int64_t t = begin; t < end; ++t) {
+          const T* x = rows + t * dim;
+          inv[t] = cosine_scale(x, dim, sumsq(x, dim), &pow2[t]);
+        }
       });
       image_inv = inv.data();
+      image_pow2 = pow2.data();
     }
+    const bool rescaled = std::any_of(image_pow2, image_pow2 + n, [](float p) { return p != 1.0f; });
     kept_inv.resize(k);
     dropped_inv.resize(dropped.size());
     for (int64_t r = 0; r < k; ++r) kept_inv[r] = image_inv[kept[r]];
     for (size_t r = 0; r < dropped.size(); ++r) dropped_inv[r] = image_inv[dropped[r]];
+    if (rescaled) {
+      kept_pow2.resize(k);
+      dropped_pow2.resize(dropped.size());
+      for (int64_t r = 0; r < k; ++r) kept_pow2[r] = image_pow2[kept[r]];
+      for (size_t r = 0; r < dropped.size(); ++r) dropped_pow2[r] = image_pow2[dropped[r]];
+    }
     target.resize(dropped.size());
-    if (!dropped.empty()) assign_image(rows, dim, dropped, kept, dropped_inv.data(), kept_inv.data(), target.data());
+    if (!dropped.empty())
+      assign_image(rows, dim, dropped, kept, dropped_inv.data(), kept_inv.data(),
+                   rescaled ? dropped_pow2.data() : nullptr, rescaled ? kept_pow2.data() : nullptr, target.data());
 
     // Group dropped tokens by target; walking them in ascending order keeps each group ascending.
     group_begin.assign(k + 1, 0);
@@ -162,8 +197,8 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
 }
 
 #define G2TR_INSTANTIATE(T)                                                                                  \
-  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*, T*, \
-                                int64_t*);
+  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*,  \
+                                const float*, T*, int64_t*);
 G2TR_INSTANTIATE(float)
 G2TR_INSTANTIATE(c10::BFloat16)
 G2TR_INSTANTIATE(c10::Half)
@@ -180,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& tokens_in, const 
   auto assign = at::empty({tokens.size(0)}, keep_idx.options());
   G2TR_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "g2tr_merge", [&] {
     merge_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), tokens.size(1), im, keep_idx.const_data_ptr<int64_t>(),
-                           merge_weight, nullptr, merged.data_ptr<scalar_t>(), assign.data_ptr<int64_t>());
+                           merge_weight, nullptr, nullptr, merged.data_ptr<scalar_t>(), assign.data_ptr<int64_t>());
   });
   return {merged, assign};
 }

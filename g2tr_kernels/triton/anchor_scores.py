@@ -26,8 +26,38 @@ Pairs = Sequence[Tuple[int, int]]
 
 
 @triton.jit
-def inv_norm(sum_of_squares):
-    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), 1e-12))
+def inv_norm(sum_of_squares, pow2):
+    """common.h inv_norm: for a row scaled by pow2, x / max(|x|, eps) = (x * pow2) * result."""
+    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), 1e-12 * pow2))
+
+
+@triton.jit
+def needs_rescale(sum_of_squares):
+    """common.h needs_rescale: a sum of squares outside [2^-100, 2^100] (NaN: False)."""
+    return (sum_of_squares < 7.888609052210118e-31) | (sum_of_squares > 1.2676506002282294e30)
+
+
+@triton.jit
+def cosine_pow2(max_abs):
+    """common.h cosine_pow2: 2^p with p = 126 - biased exponent of max_abs, clamped to
+    [-126, 127]; 1 for zero or non-finite max_abs. Bit arithmetic (no libdevice frexp)."""
+    biased = (max_abs.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    p = tl.minimum(tl.maximum(126 - biased, -126), 127)
+    pow2 = ((p + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where((max_abs == 0.0) | (biased == 0xFF), 1.0, pow2)
+
+
+@triton.jit
+def row_pow2(x_ptr, row, live, D, BLOCK_D: tl.constexpr):
+    """cosine_pow2 of the max-abs of rows x_ptr + row[i] (int64 offsets); a second pass
+    over D, run only for blocks holding a row that needs_rescale."""
+    m = tl.zeros(row.shape, dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+        a = tl.abs(x.to(tl.float32))
+        m = tl.maximum(m, tl.max(tl.where(a == a, a, 0.0), axis=1))  # NaN ignored, as in max_abs
+    return cosine_pow2(m)
 
 
 @triton.jit
@@ -38,6 +68,7 @@ def _score_kernel(
     scores,  # fp32 [N] out
     cells,  # int64 [N] out
     inv_norms,  # fp32 [N] out (WRITE_NORMS)
+    pow2s,  # fp32 [N] out (WRITE_NORMS): the token's cosine_pow2 (1 for normal rows)
     cell_best,  # int64 [total cells] in/out, starts at int64 min (CELL_BEST)
     D,
     BLOCK_T: tl.constexpr,
@@ -79,13 +110,33 @@ def _score_kernel(
         dot += tl.sum(t * a, axis=1)
         token_sq += tl.sum(t * t, axis=1)
         anchor_sq += tl.sum(a * a, axis=1)
-    token_inv = inv_norm(token_sq)
-    score = (dot * token_inv) * inv_norm(anchor_sq)
+    token_pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+    anchor_pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+    rescale = live & (needs_rescale(token_sq) | needs_rescale(anchor_sq))
+    if tl.max(rescale.to(tl.int32), axis=0) > 0:  # rare: rows of extreme magnitude (common.h)
+        token_pow2 = tl.where(needs_rescale(token_sq), row_pow2(tokens, token_row, live, D, BLOCK_D), 1.0)
+        anchor_pow2 = tl.where(needs_rescale(anchor_sq), row_pow2(anchors, anchor_row, live, D, BLOCK_D), 1.0)
+        dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+        token_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+        anchor_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = live[:, None] & (d < D)[None, :]
+            t = tl.load(tokens + token_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(anchors + anchor_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            t = t * token_pow2[:, None]
+            a = a * anchor_pow2[:, None]
+            dot += tl.sum(t * a, axis=1)
+            token_sq += tl.sum(t * t, axis=1)
+            anchor_sq += tl.sum(a * a, axis=1)
+    token_inv = inv_norm(token_sq, token_pow2)
+    score = (dot * token_inv) * inv_norm(anchor_sq, anchor_pow2)
 
     tl.store(scores + tok_begin + local, score, mask=live)
     tl.store(cells + tok_begin + local, cell, mask=live)
     if WRITE_NORMS:
         tl.store(inv_norms + tok_begin + local, token_inv, mask=live)
+        tl.store(pow2s + tok_begin + local, token_pow2, mask=live)
     if CELL_BEST:
         tl.atomic_max(cell_best + cell_begin + cell, rank_key(score, local), mask=live)
 
@@ -98,15 +149,19 @@ def score(
     want_norms: bool = False,
     want_cell_best: bool = False,
     op: str = "g2tr.triton_anchor_scores",
+    pow2s: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launcher: (scores fp32 [N], cells int64 [N], inv_norms fp32 [N] or None,
-    cell_best int64 [sum(h_a * w_a)] or None). grids / anchor_grids: (h, w) pairs."""
+    cell_best int64 [sum(h_a * w_a)] or None). grids / anchor_grids: (h, w) pairs.
+    pow2s: fp32 [N] that receives each token's cosine_pow2 with the norms (for the merge)."""
     tokens, anchors = tokens.contiguous(), anchors.contiguous()
     n_total, dim = tokens.shape
     device = tokens.device
     scores = torch.empty(n_total, dtype=torch.float32, device=device)
     cells = torch.empty(n_total, dtype=torch.int64, device=device)
     inv_norms = torch.empty(n_total, dtype=torch.float32, device=device) if want_norms else None
+    if want_norms and pow2s is None:
+        pow2s = torch.empty(n_total, dtype=torch.float32, device=device)
     num_cells = sum(h * w for h, w in anchor_grids)
     cell_best = (
         torch.full((num_cells,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
@@ -130,6 +185,7 @@ def score(
         wrap_triton(_score_kernel)[grid](
             tokens, anchors, table, scores, cells,
             inv_norms if inv_norms is not None else torch.empty(1, dtype=torch.float32, device=device),
+            pow2s if pow2s is not None else torch.empty(1, dtype=torch.float32, device=device),
             cell_best if cell_best is not None else torch.empty(1, dtype=torch.int64, device=device),
             dim, BLOCK_T=block_t, BLOCK_D=block_d,
             WRITE_NORMS=inv_norms is not None, CELL_BEST=cell_best is not None, num_warps=4,

@@ -22,8 +22,13 @@ all images of the packed batch at once:
    atomics anywhere.
 
 keep_idx must be strictly ascending inside each image (as every selection returns it).
-Invalid keep_idx is not detected here (that would need a host sync), but every index the
-kernels use is clamped into its image, so it cannot read or write out of bounds.
+torch.ops.g2tr.triton_merge checks that on the host before any launch and raises the cpu
+backend's ValueError (_checks.kept_indices); on CUDA tensors that reads keep_idx back, one
+sync of K_total int64. Under torch.compile tracing there is no data to read and the check
+is skipped; the kernels are then defined for any keep_idx instead: every index they use is
+clamped into its image and assign starts at zeros, so they never read or write out of
+bounds and every assign value is an output row in [0, K_total). The fused reduce passes the
+keep_idx its own selection made, valid by construction, and does not check it.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .anchor_scores import inv_norm
+from .anchor_scores import inv_norm, needs_rescale, row_pow2
 from .balanced_topk import count_blocks, image_table, interpreted, key_index, launchable, rank_key, starts
 
 # The merge kernels read one int64 row per image (_image_row): tok_begin, n, k, keep_begin
@@ -75,6 +80,7 @@ def _prepare_kernel(
     assign,  # int64 [N] out: output rows of kept tokens (dropped ones: _group_kernel)
     dropped,  # int64 [N - K_total] out: dropped tokens (global), ascending per image
     inv_norms,  # fp32 [N] out (WRITE_NORMS)
+    pow2s,  # fp32 [N] out (WRITE_NORMS): cosine_pow2 of each token (anchor_scores.py)
     D,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -98,15 +104,24 @@ def _prepare_kernel(
     tl.store(dropped + drop_begin + slot, token, mask=live & ~is_kept & (slot >= 0) & (slot < n - k))
 
     if WRITE_NORMS:
+        row = token.to(tl.int64) * D
         sq = tl.zeros([BLOCK_T], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(
-                tokens + token.to(tl.int64)[:, None] * D + d[None, :],
-                mask=live[:, None] & (d < D)[None, :], other=0.0,
-            ).to(tl.float32)
+            x = tl.load(tokens + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+            x = x.to(tl.float32)
             sq += tl.sum(x * x, axis=1)
-        tl.store(inv_norms + token, inv_norm(sq), mask=live)
+        pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+        if tl.max((live & needs_rescale(sq)).to(tl.int32), axis=0) > 0:  # rare: extreme magnitudes
+            pow2 = tl.where(needs_rescale(sq), row_pow2(tokens, row, live, D, BLOCK_D), 1.0)
+            sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                x = tl.load(tokens + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+                x = x.to(tl.float32) * pow2[:, None]
+                sq += tl.sum(x * x, axis=1)
+        tl.store(inv_norms + token, inv_norm(sq, pow2), mask=live)
+        tl.store(pow2s + token, pow2, mask=live)
 
 
 @triton.jit
@@ -115,6 +130,7 @@ def _assign_kernel(
     keep_idx,  # int64 [K_total]
     dropped,  # int64 [N - K_total], from _prepare_kernel
     inv_norms,  # fp32 [N]
+    pow2s,  # fp32 [N]
     table,  # int64 [B, 5]
     best,  # int64 [N - K_total] in/out: max rank_key(value, local kept row), starts at int64 min
     D,
@@ -148,6 +164,8 @@ def _assign_kernel(
     row_tok = tl.load(dropped + drop_begin + m, mask=m_live, other=0)
     row_tok = tl.minimum(tl.maximum(row_tok, tok_begin), tok_begin + n - 1)
     row_inv = tl.load(inv_norms + row_tok)
+    a_pow2 = tl.load(pow2s + row_tok)
+    rows_scaled = tl.max((a_pow2 != 1.0).to(tl.int32), axis=0) > 0
     dk = tl.arange(0, BLOCK_K)
     a_ptrs = tokens + row_tok.to(tl.int64)[:, None] * D + dk[None, :]
 
@@ -159,16 +177,26 @@ def _assign_kernel(
         col_tok = tl.load(keep_idx + keep_begin + col, mask=col_live, other=0)
         col_tok = tl.minimum(tl.maximum(col_tok, tok_begin), tok_begin + n - 1)
         col_inv = tl.load(inv_norms + col_tok)
+        b_pow2 = tl.load(pow2s + col_tok)
         b_ptrs = tokens + col_tok.to(tl.int64)[None, :] * D + dk[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_K):
-            d_live = dk < D - d0
-            a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0)
-            b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if rows_scaled | (tl.max((b_pow2 != 1.0).to(tl.int32), axis=0) > 0):
+            # Rare: rows of extreme magnitude enter the dot scaled by their exact power of
+            # two (anchor_scores.py cosine_pow2), in IEEE fp32, so no product overflows.
+            for d0 in range(0, D, BLOCK_K):
+                d_live = dk < D - d0
+                a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0).to(tl.float32) * a_pow2[:, None]
+                b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0).to(tl.float32) * b_pow2[None, :]
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            for d0 in range(0, D, BLOCK_K):
+                d_live = dk < D - d0
+                a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0)
+                b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
         value = (acc * col_inv[None, :]) * row_inv[:, None]
         # NaN and padding columns can never win.
         value = tl.where(col_live[None, :] & (value == value), value, -float("inf"))
@@ -314,10 +342,11 @@ def merge_tokens(
     inv_norms: Optional[torch.Tensor] = None,
     splits: Optional[int] = None,
     op: str = "g2tr.triton_merge",
+    pow2s: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (merged [sum(budgets), D] input dtype, assign int64 [N] global output rows).
 
-    inv_norms: fp32 [N] from the score kernel, or None to compute them here.
+    inv_norms, pow2s: fp32 [N] each from the score kernel, or None to compute them here.
     splits: column splits of the assignment (None: chosen from the device's SM count).
     """
     lengths, budgets = list(lengths), list(budgets)
@@ -326,7 +355,9 @@ def merge_tokens(
     device = tokens.device
     k_total = sum(budgets)
     merged = torch.empty((k_total, dim), dtype=tokens.dtype, device=device)
-    assign = torch.empty(n_total, dtype=torch.int64, device=device)
+    # Zeros, not empty: with an invalid keep_idx (not checked on this path, see triton_merge)
+    # some tokens are never written, and they must still hold an in-range row.
+    assign = torch.zeros(n_total, dtype=torch.int64, device=device)
     if not lengths:
         return merged, assign
     drops = [n - k for n, k in zip(lengths, budgets)]
@@ -340,6 +371,9 @@ def merge_tokens(
     write_norms = inv_norms is None
     if write_norms:
         inv_norms = torch.empty(n_total, dtype=torch.float32, device=device)
+        pow2s = torch.empty(n_total, dtype=torch.float32, device=device)
+    elif pow2s is None:
+        pow2s = torch.ones(n_total, dtype=torch.float32, device=device)
     if not launchable(tokens, op):
         return merged, assign
 
@@ -347,7 +381,7 @@ def merge_tokens(
     block_t, block_d = (64, 128) if interpreted() else (32, 128)
     block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
     wrap_triton(_prepare_kernel)[(triton.cdiv(max(lengths), block_t), b)](
-        tokens, keep_idx, table, assign, dropped, inv_norms, dim,
+        tokens, keep_idx, table, assign, dropped, inv_norms, pow2s, dim,
         BLOCK_T=block_t, BLOCK_D=block_d, STEPS=max(budgets).bit_length(), WRITE_NORMS=write_norms,
     )
     max_drop = max(drops)
@@ -362,7 +396,7 @@ def merge_tokens(
             splits = _splits(sum(triton.cdiv(m, block_m) for m in drops), kept_tiles, device)
         grid = (triton.cdiv(max_drop, block_m), max(1, min(splits, kept_tiles)), b)
         wrap_triton(_assign_kernel)[grid](
-            tokens, keep_idx, dropped, inv_norms, table, best, dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            tokens, keep_idx, dropped, inv_norms, pow2s, table, best, dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
         )
         block_i, block_j = count_blocks()
@@ -389,4 +423,5 @@ def triton_merge(
     _checks.index_tensor(op, "keep_idx", keep_idx, sum(budgets))
     _checks.same_device(op, "tokens", tokens, "keep_idx", keep_idx)
     _checks.merge_weight(op, merge_weight)
+    _checks.kept_indices(op, keep_idx, lengths, budgets)
     return merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, op=op)
