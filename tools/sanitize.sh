@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 VENV="${G2TR_VENV:-.venv}"
-PY="$ROOT/$VENV/bin/python"
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+PY="$VENV/bin/python"
 [ -x "$PY" ] || PY="$(command -v python3)"
 OUT="$ROOT/build/asan"
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"

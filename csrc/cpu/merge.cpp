@@ -129,9 +129,12 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
     kept.resize(k);
     dropped.clear();
     for (int64_t r = 0, prev = -1; r < k; ++r) {
-      const int64_t t = keep_idx[out0 + r] - first;
-      TORCH_CHECK_VALUE(t > prev && t < n, "g2tr.merge: keep_idx of image ", b, " must be strictly ascending within [",
-                  first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
+      // Compared before subtracting: keep_idx may hold any int64 (-2^63 - first overflows).
+      const int64_t global = keep_idx[out0 + r];
+      TORCH_CHECK_VALUE(global > first + prev && global < first + n, "g2tr.merge: keep_idx of image ", b,
+                        " must be strictly ascending within [", first, ", ", first + n, "), got ", global,
+                        " at position ", out0 + r);
+      const int64_t t = global - first;
       for (int64_t d = prev + 1; d < t; ++d) dropped.push_back(d);
       kept[r] = t;
       prev = t;
