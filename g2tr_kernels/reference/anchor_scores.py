@@ -5,7 +5,7 @@ import torch
 
 from .budget import cell_ids
 
-EPS = 1e-12  # torch.nn.functional.normalize's default
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's default; the one eps of every backend (common.h kNormEps)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     p = torch.clamp(-exponent, -126, 127)  # 2^p stays a normal fp32
     p = torch.where(torch.isfinite(x).all(dim=-1, keepdim=True), p, torch.zeros_like(p))  # non-finite: as it is
     scaled = torch.ldexp(x, p)
-    eps = torch.ldexp(torch.full_like(scaled[..., :1], EPS), p)
+    eps = torch.ldexp(torch.full_like(scaled[..., :1], NORM_EPS), p)
     return scaled / torch.maximum(torch.linalg.vector_norm(scaled, dim=-1, keepdim=True), eps)
 
 

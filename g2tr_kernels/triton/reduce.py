@@ -15,8 +15,9 @@ from torch.library import triton_op
 
 from .. import _checks
 from ..reference.budget import budget
+from ._common import aligned_rows, fresh_table, starts
 from .anchor_scores import score
-from .balanced_topk import device_table, select, starts
+from .balanced_topk import select
 from .merge import merge_tokens
 
 
@@ -31,7 +32,7 @@ def reduce_tokens(
     op: str = "g2tr.triton_reduce",
 ):
     """Launcher: (merged, keep_idx, cu_seqlens, scores, assign), SPEC.md §6."""
-    tokens, anchors = tokens.contiguous(), anchors.contiguous()  # one copy, if any, for all stages
+    tokens, anchors = aligned_rows(tokens), aligned_rows(anchors)  # one copy, if any, for all stages
     lengths = [h * w for h, w in grids]
     budgets = [budget(n, keep_ratio, min_keep) for n in lengths]
     cell_counts = [h * w for h, w in anchor_grids]
@@ -39,7 +40,7 @@ def reduce_tokens(
     scores, cells, inv_norms, cell_best = score(tokens, anchors, grids, anchor_grids, True, True, op, pow2s)
     keep_idx = select(scores, cells, lengths, budgets, cell_counts, [1] * len(lengths), cell_best, op)
     merged, assign = merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, inv_norms, op=op, pow2s=pow2s)
-    cu_seqlens = device_table(starts(budgets), tokens.device, tokens, torch.int32)
+    cu_seqlens = fresh_table(starts(budgets), tokens, torch.int32)
     return merged, keep_idx, cu_seqlens, scores, assign
 
 
@@ -55,7 +56,6 @@ def triton_reduce(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.ops.g2tr.triton_reduce: same contract as torch.ops.g2tr.reduce."""
     op = "g2tr.triton_reduce"
-    grids, anchor_grids = _checks.images(op, tokens, anchors, grids, anchor_grids)
-    _checks.ratio(op, keep_ratio, min_keep)
-    _checks.merge_weight(op, merge_weight)
+    grids, anchor_grids = _checks.reduce_args(op, tokens, anchors, grids, anchor_grids, keep_ratio, min_keep,
+                                              merge_weight)
     return reduce_tokens(tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, merge_weight, op)
