@@ -11,47 +11,75 @@ are read here (shapes, dtypes, the int lists), so nothing syncs with a device.
 """
 from __future__ import annotations
 
-import math
 import operator
+import struct
 from typing import List, Sequence, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Pairs = List[Tuple[int, int]]
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def as_int(op: str, what: str, value) -> int:
-    """An integer argument, never silently truncated (4.9 is an error, not 4)."""
+    """An integer argument, never silently truncated (4.9 is an error, not 4), that fits
+    the int64 the op schemas take (2**63 would otherwise fail inside torch's parser)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {what} must be an int, got {value!r}")
     try:
-        return operator.index(value)
+        value = operator.index(value)
     except TypeError:
         raise TypeError(f"{op}: {what} must be an int, got {value!r}") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{op}: {what} must fit in int64, got {value}")
+    return value
 
 
 def as_float(op: str, what: str, value) -> float:
-    """A real-number argument as the double the ops receive."""
-    if isinstance(value, (str, bytes)):
+    """A real-number argument as the double the ops receive ("0.5", None, tensors: errors)."""
+    if isinstance(value, (str, bytes, bool, torch.Tensor)) or value is None:
         raise TypeError(f"{op}: {what} must be a float, got {value!r}")
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"{op}: {what} must be a float, got {value!r}") from None
+
+
+def host_list(op: str, name: str, values) -> list:
+    """A host-side list argument: not a tensor (a sync), not a scalar or a string."""
+    if isinstance(values, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be host-side ints (a list), not a tensor: reading a tensor would sync")
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{op}: {name} must be a list of ints, got {values!r}")
+    try:
+        return list(values)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a list of ints, got {values!r}") from None
 
 
 def int_list(op: str, name: str, values) -> List[int]:
     """A host-side int list argument, entry b named "name[b] (image b)"."""
-    if isinstance(values, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be host-side ints (a list), not a tensor: reading a tensor would sync")
-    return [as_int(op, f"{name}[{b}] (image {b})", v) for b, v in enumerate(values)]
+    return [as_int(op, f"{name}[{b}] (image {b})", v) for b, v in enumerate(host_list(op, name, values))]
+
+
+def image_end(op: str, name: str, tensor: str, b: int, h: int, w: int, begin: int, rows: int) -> int:
+    """End row of image b (h x w rows from `begin`), rejected where checks.h's int64 would
+    overflow (same rule, same message), so both layers accept exactly the same sizes."""
+    end = begin + h * w
+    if h * w > INT64_MAX or end > INT64_MAX:
+        raise ValueError(
+            f"{op}: image {b} of {name} ({h} x {w}) does not fit in {tensor} ({rows} rows): with the {begin} "
+            "rows of the images before it, it overflows int64"
+        )
+    return end
 
 
 def flat_grid(op: str, name: str, grids) -> List[int]:
     """[h0, w0, h1, w1, ...] or [(h0, w0), (h1, w1), ...] as the flat int list of the op
     schemas. Only the form is judged here; the sizes are the checkers' (grid_pairs)."""
-    if isinstance(grids, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be host-side ints (a list), not a tensor: reading a tensor would sync")
-    grids = list(grids)
+    grids = host_list(op, name, grids)
     if grids and all(isinstance(g, (tuple, list)) for g in grids):
         out = []
         for b, g in enumerate(grids):
@@ -104,13 +132,20 @@ def images(op: str, tokens, anchors, grids, anchor_grids) -> Tuple[Pairs, Pairs]
     a = grid_pairs(op, "anchor_grids", anchor_grids)
     if len(a) != len(g):
         raise ValueError(f"{op}: anchor_grids describe {len(a)} images but grids describe {len(g)}")
-    n = sum(h * w for h, w in g)
+    n = m = 0
+    for b, ((h, w), (h_a, w_a)) in enumerate(zip(g, a)):
+        n = image_end(op, "grids", "tokens", b, h, w, n, tokens.shape[0])
+        m = image_end(op, "anchor_grids", "anchors", b, h_a, w_a, m, anchors.shape[0])
+        if h * h_a > INT64_MAX or w * w_a > INT64_MAX:  # the cell map's products
+            raise ValueError(
+                f"{op}: grids and anchor_grids of image {b} ({h} x {w} over {h_a} x {w_a}) are too large: "
+                "h * h_a and w * w_a must fit in int64"
+            )
     if tokens.shape[0] != n:
         raise ValueError(
             f"{op}: tokens have N = {tokens.shape[0]} rows but grids describe {n} tokens "
             f"(sum of h * w over {len(g)} images)"
         )
-    m = sum(h * w for h, w in a)
     if anchors.shape[0] != m:
         raise ValueError(
             f"{op}: anchors have M = {anchors.shape[0]} rows but anchor_grids describe {m} anchors "
@@ -119,24 +154,36 @@ def images(op: str, tokens, anchors, grids, anchor_grids) -> Tuple[Pairs, Pairs]
     return g, a
 
 
-def ratio(op: str, keep_ratio: float, min_keep: int) -> None:
-    as_int(op, "min_keep", min_keep)
+def ratio(op: str, keep_ratio: float, min_keep: int) -> Tuple[float, int]:
+    """keep_ratio as the double the kernels compute K with, min_keep as an int64; returned."""
+    min_keep = as_int(op, "min_keep", min_keep)
+    keep_ratio = as_float(op, "keep_ratio", keep_ratio)
     if not (keep_ratio > 0.0 and keep_ratio <= 1.0):
-        raise ValueError(f"{op}: keep_ratio must be in (0, 1], got {keep_ratio}")
+        raise ValueError(f"{op}: keep_ratio must be a number in (0, 1], got {keep_ratio}")
     if min_keep < 1:
         raise ValueError(f"{op}: min_keep must be >= 1, got {min_keep}")
+    return keep_ratio, min_keep
 
 
-def merge_weight(op: str, weight: float) -> None:
-    if not (math.isfinite(weight) and weight > 0.0):
-        raise ValueError(f"{op}: merge_weight must be a finite number > 0, got {weight}")
+def merge_weight(op: str, weight: float) -> float:
+    """merge_weight checked as the fp32 the kernels use (checks.h: same rule): 1e-300 rounds
+    to 0 and 1e39 to inf in fp32, so both are errors although finite positive doubles."""
+    weight = as_float(op, "merge_weight", weight)
+    if not (weight > 0.0 and weight <= FLOAT32_MAX and struct.unpack("f", struct.pack("f", weight))[0] > 0.0):
+        raise ValueError(
+            f"{op}: merge_weight must be a finite positive float32 (in (0, 3.4e38], not 0 when rounded to "
+            f"float32), got {weight}"
+        )
+    return weight
 
 
 def lengths(op: str, lengths: Sequence[int], total: int) -> List[int]:
     lengths = int_list(op, "lengths", lengths)
+    begin = 0
     for b, n in enumerate(lengths):
         if n <= 0:
             raise ValueError(f"{op}: lengths[{b}] (image {b}) must be positive, got {n}")
+        begin = image_end(op, "lengths", "the input", b, 1, n, begin, total)
     if sum(lengths) != total:
         raise ValueError(f"{op}: the input has {total} tokens but lengths sum to {sum(lengths)}")
     return lengths
@@ -162,6 +209,43 @@ def index_tensor(op: str, name: str, t, size: int) -> None:
         raise ValueError(f"{op}: {name} has {t.shape[0]} entries but {size} were expected")
 
 
+def kept_indices(op: str, keep_idx: torch.Tensor, lengths_: Sequence[int], budgets: Sequence[int]) -> None:
+    """keep_idx strictly ascending within each image's [start, start + n): the cpu kernel's
+    rule and message (csrc/cpu/merge.cpp). Reads the values: on a device tensor that is a
+    host sync; while tracing (fake tensors, no values) it does nothing."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if keep_idx.numel() == 0 or is_fake(keep_idx):
+        return
+    device = keep_idx.device
+    starts_ = starts(lengths_)
+    k = torch.tensor(budgets, device=device)
+    first = torch.repeat_interleave(torch.tensor(starts_, device=device), k)
+    end = first + torch.repeat_interleave(torch.tensor(list(lengths_), device=device), k)
+    # The previous kept index of the same image; before an image's first, its start - 1.
+    prev = torch.cat([keep_idx.new_full((1,), -1), keep_idx[:-1]])
+    image_first = torch.zeros_like(keep_idx, dtype=torch.bool)
+    image_first[torch.cumsum(k, 0)[:-1]] = True
+    image_first[0] = True
+    prev = torch.where(image_first, first - 1, prev)
+    bad = (keep_idx <= prev) | (keep_idx >= end)
+    if bool(bad.any()):
+        pos = int(torch.nonzero(bad)[0])
+        b = max(i for i, kb in enumerate(starts(budgets)) if kb <= pos)
+        raise ValueError(
+            f"{op}: keep_idx of image {b} must be strictly ascending within [{starts_[b]}, "
+            f"{starts_[b] + lengths_[b]}), got {int(keep_idx[pos])} at position {pos}"
+        )
+
+
+def starts(values: Sequence[int]) -> List[int]:
+    """Exclusive prefix sums: where each image's run begins."""
+    out = [0]
+    for v in values[:-1]:
+        out.append(out[-1] + v)
+    return out
+
+
 def finite(op: str, name: str, t: torch.Tensor, begins: Sequence[int]) -> None:
     """check_finite=True: names the first image with a NaN or Inf (reads the data: a sync)."""
     bad = ~torch.isfinite(t).all(dim=-1)
@@ -179,6 +263,8 @@ def cell_quotas(op: str, quota, budgets: Sequence[int], cell_counts: Sequence[in
         return [-(-k // c) if c > 0 else 1 for k, c in zip(budgets, cell_counts)]
     if isinstance(quota, (list, tuple, torch.Tensor)):
         return int_list(op, "cell_quotas", quota)
+    if isinstance(quota, (str, bytes, bool)) or not hasattr(quota, "__index__"):
+        raise TypeError(f"{op}: quota must be an int, a list of ints (one per image) or 'window', got {quota!r}")
     return [as_int(op, "quota", quota)] * len(budgets)
 
 

@@ -4,6 +4,7 @@ directly through torch.ops.g2tr, whose C++ checks raise ValueError (TORCH_CHECK_
 TypeError (TORCH_CHECK_TYPE); the fake (meta) kernels must reject the same shapes too.
 """
 import math
+import os
 import re
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Type
 
@@ -426,3 +427,192 @@ def test_check_finite_catches_inf_in_tokens_and_anchors(backend, where):
 def test_merge_weight_nan_is_an_error():
     with pytest.raises(ValueError, match="merge_weight"):
         g2tr.reduce(torch.randn(4, 8), torch.randn(1, 8), [(2, 2)], [(1, 1)], merge_weight=float("nan"))
+
+
+# ------------------------------------------------- issue 8: raw ops that cannot be crashed
+
+# Each reproduction of issue 8 runs in a subprocess: before the fix they aborted the
+# interpreter (heap corruption, segfault) or ran out of memory.
+ISSUE_8_CRASHES = {
+    "reduce-wrapping-grid": (
+        "torch.ops.g2tr.reduce(torch.randn(16, 17, dtype=torch.bfloat16), torch.randn(2, 17, dtype=torch.bfloat16),"
+        " [2**32 + 1, 2**32 - 1, 17, 1], [1, 1, 1, 1], 0.5, 32, 1.0)",
+        ["g2tr.reduce", "image 0 of grids", "4294967297 x 4294967295", "overflows int64"],
+    ),
+    "anchor-scores-wrapping-anchor-grid": (
+        "torch.ops.g2tr.anchor_scores(torch.randn(4, 17, dtype=torch.bfloat16), torch.randn(4, 17, dtype=torch.bfloat16),"
+        " [4, 1], [2**62 + 1, 4])",
+        ["g2tr.anchor_scores", "image 0 of anchor_grids", "overflows int64"],
+    ),
+    "reduce-huge-image-taken-as-empty": (
+        "torch.ops.g2tr.reduce(torch.randn(16, 8), torch.randn(2, 8), [2**62, 4, 4, 4], [1, 1, 1, 1], 0.5, 1, 1.0)",
+        ["g2tr.reduce", "image 0 of grids", "4611686018427387904 x 4"],
+    ),
+    "merge-wrapping-lengths": (
+        "torch.ops.g2tr.merge(torch.randn(4, 4), torch.tensor([0, 4, 5, 6, 7]), [4] + [2**62] * 4, [1] * 5, 1.0)",
+        ["g2tr.merge", "image 2 of lengths", "overflows int64"],
+    ),
+    "balanced-topk-wrapping-lengths": (
+        "torch.ops.g2tr.balanced_topk(torch.randn(4), torch.zeros(4, dtype=torch.long), [4, 2**63 - 1, 2], [1, 1, 1],"
+        " [1, 1, 1], [1, 1, 1])",
+        ["g2tr.balanced_topk", "image 1 of lengths", "overflows int64"],
+    ),
+    "grid-products-of-the-cell-map": (
+        # A stride-0 view claims 2^62 anchor rows without memory: h * h_a = 2^63 overflows.
+        "torch.ops.g2tr.anchor_scores(torch.randn(2, 1), torch.randn(1, 1).expand(2**62, 1), [2, 1], [2**62, 1])",
+        ["g2tr.anchor_scores", "image 0", "h * h_a and w * w_a must fit in int64"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_8_CRASHES))
+def test_issue_8_crashes_are_clear_errors(name):
+    import subprocess
+    import sys
+
+    expr, fragments = ISSUE_8_CRASHES[name]
+    code = (
+        "import torch, g2tr_kernels\n"
+        f"try:\n    {expr}\n    print('RETURNED')\n"
+        "except ValueError as e:\n    print('VALUEERROR', str(e).splitlines()[0])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_package_root()] + [os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"the interpreter died ({proc.returncode}): {proc.stderr[-1500:]}"
+    assert proc.stdout.startswith("VALUEERROR"), proc.stdout + proc.stderr[-1500:]
+    check_message(ValueError(proc.stdout), fragments)
+
+
+def _package_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(g2tr.__file__)))
+
+
+@pytest.mark.parametrize("op", ["reduce", "anchor_scores"])
+@pytest.mark.parametrize("backend", PY_BACKENDS)
+def test_overflowing_grids_through_the_api(op, backend):
+    t, a = torch.randn(16, 17), torch.randn(2, 17)
+    call = getattr(g2tr, op)
+    extra = {"min_keep": 1} if op == "reduce" else {}
+    for grids in ([(2**32 + 1, 2**32 - 1), (17, 1)], [(2**62, 4), (4, 4)], [(2**63, 2)]):
+        with pytest.raises(ValueError, match="grids"):
+            call(t, a, grids, [(1, 1), (1, 1)][: len(grids)], backend=backend, **extra)
+
+
+@pytest.mark.parametrize("weight", [1e-300, 1e39, -1e-300, 3.5e38, 2**-150])
+def test_merge_weight_must_be_a_positive_fp32(weight):
+    t, a = torch.randn(16, 8), torch.randn(2, 8)
+    for backend in PY_BACKENDS:
+        with pytest.raises(ValueError, match="merge_weight must be a finite positive float32"):
+            g2tr.reduce(t, a, [(4, 4)], [(1, 2)], 0.5, 1, weight, backend=backend)
+    with pytest.raises(ValueError, match="merge_weight must be a finite positive float32"):
+        torch.ops.g2tr.reduce(t, a, [4, 4], [1, 2], 0.5, 1, weight)
+    with pytest.raises(ValueError, match="merge_weight must be a finite positive float32"):
+        torch.ops.g2tr.merge(t, torch.tensor([0, 5]), [16], [2], weight)
+
+
+@pytest.mark.parametrize("weight", [2**-149, 3.4e38, 1e-38])
+def test_extreme_but_valid_merge_weights_give_no_nan(weight):
+    t, a = torch.randn(16, 8), torch.randn(2, 8)
+    for backend in PY_BACKENDS:
+        out = g2tr.reduce(t, a, [(4, 4)], [(1, 2)], 0.5, 1, weight, backend=backend)
+        assert not torch.isnan(out.merged).any(), backend
+
+
+UNCLEAR = [
+    ("quota-float", lambda t, a: g2tr.balanced_topk(torch.randn(4), torch.zeros(4, dtype=torch.long), [4], [2], [1],
+                                                    quota=2.0), TypeError, ["quota", "'window'", "2.0"]),
+    ("quota-none", lambda t, a: g2tr.balanced_topk(torch.randn(4), torch.zeros(4, dtype=torch.long), [4], [2], [1],
+                                                   quota=None), TypeError, ["quota", "None"]),
+    ("quota-bad-string", lambda t, a: g2tr.balanced_topk(torch.randn(4), torch.zeros(4, dtype=torch.long), [4], [2],
+                                                         [1], quota="windows"), TypeError, ["quota", "'windows'"]),
+    ("keep-ratio-str", lambda t, a: g2tr.reduce(t, a, [(4, 4)], [(1, 2)], "0.5"), TypeError,
+     ["keep_ratio must be a float", "'0.5'"]),
+    ("keep-ratio-none", lambda t, a: g2tr.reduce(t, a, [(4, 4)], [(1, 2)], None), TypeError, ["keep_ratio"]),
+    ("min-keep-2-63", lambda t, a: g2tr.reduce(t, a, [(4, 4)], [(1, 2)], 0.5, 2**63), ValueError,
+     ["min_keep must fit in int64", str(2**63)]),
+    ("lengths-none", lambda t, a: g2tr.merge(t, torch.tensor([0]), None, [1]), TypeError, ["lengths", "list"]),
+    ("budgets-int", lambda t, a: g2tr.merge(t, torch.tensor([0]), [16], 1), TypeError, ["budgets", "list"]),
+    ("grids-none", lambda t, a: g2tr.reduce(t, a, None, [(1, 2)]), TypeError, ["grids", "list"]),
+    ("merge-weight-str", lambda t, a: g2tr.reduce(t, a, [(4, 4)], [(1, 2)], 0.5, 1, "1"), TypeError,
+     ["merge_weight must be a float"]),
+]
+
+
+@pytest.mark.parametrize("case", UNCLEAR, ids=[c[0] for c in UNCLEAR])
+@pytest.mark.parametrize("backend", PY_BACKENDS)
+def test_unclear_errors_of_issue_8_name_the_argument(case, backend):
+    _, call, error, fragments = case
+    t, a = torch.randn(16, 8), torch.randn(2, 8)
+    with pytest.raises(error) as info:
+        call(t, a)
+    check_message(info.value, fragments)
+
+
+@pytest.mark.parametrize("keep", [[3, 1], [1, 1], [0, 8], [-1, 2], [0, 2**62]], ids=str)
+def test_triton_merge_rejects_a_bad_keep_idx_like_cpu(keep):
+    pytest.importorskip("triton")
+    tokens = torch.randn(8, 4)
+    messages = []
+    for backend in ("cpu", "triton"):
+        with pytest.raises(ValueError) as info:
+            g2tr.merge(tokens, torch.tensor(keep), [8], [2], backend=backend)
+        messages.append(str(info.value).split(": ", 1)[1])
+    assert messages[0] == messages[1]
+    assert "keep_idx of image 0 must be strictly ascending within [0, 8)" in messages[1]
+
+
+def test_triton_merge_kernels_stay_in_range_without_the_check():
+    # While tracing there are no values to check: the launcher must then still write every
+    # assign value inside [0, K) (it starts from zeros) and read nothing out of bounds.
+    pytest.importorskip("triton")
+    import importlib
+
+    merge_mod = importlib.import_module("g2tr_kernels.triton.merge")
+    tokens = torch.randn(12, 4)
+    for keep in ([0, 0, 5], [5, 1, 2], [11, 12, 13], [-3, 0, 1]):
+        merged, assign = merge_mod.merge_tokens(tokens, torch.tensor(keep), [6, 6], [2, 1], 1.0)
+        assert bool(((assign >= 0) & (assign < 3)).all()), (keep, assign)
+
+
+def test_compiled_api_error_carries_the_projects_message():
+    # Under torch.compile(fullgraph=True) dynamo wraps an exception raised while tracing
+    # (it cannot graph-break): the wrapper's text must still carry the project's message.
+    f = torch.compile(lambda t, a: g2tr.reduce(t, a, [(4, 4)], [(2, 2)]), fullgraph=True, backend="eager")
+    with pytest.raises(Exception) as info:
+        f(torch.randn(15, 8), torch.randn(4, 8))
+    assert "g2tr.reduce: tokens have N = 15 rows but grids describe 16 tokens" in str(info.value)
+
+
+BF16_MERGE_PEAK = """
+import torch, g2tr_kernels
+torch.set_num_threads(2)
+x = torch.empty(2, 2**24, dtype=torch.bfloat16).normal_()
+keep = torch.tensor([0])
+torch.ops.g2tr.merge(x[:, :64].contiguous(), keep, [2], [1], 1.0)  # load everything first
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+base = status("VmRSS")
+merged, assign = torch.ops.g2tr.merge(x, keep, [2], [1], 1.0)
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_bf16_merge_peak_memory_is_bounded_by_the_input():
+    # Issue 8, point 7: 64 MiB of bf16 input with one kept token took 1.44 GiB extra (the
+    # packed panels padded one kept row to 48). The bound (csrc/cpu/merge.cpp): at most
+    # twice the input in fp32 copies plus K x D output and a D-float accumulator per task.
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_package_root()] + [os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", BF16_MERGE_PEAK], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    extra = int(proc.stdout.split()[-1])
+    input_bytes = 2 * 2**24 * 2
+    assert extra <= 5 * input_bytes, f"peak extra {extra / 2**20:.0f} MiB for a {input_bytes / 2**20:.0f} MiB input"

@@ -5,7 +5,8 @@
 # were built -> pytest (tests/, Triton kernels under TRITON_INTERPRET=1; tests/test_readme.py
 # runs the README) -> benchmark smoke run -> the bf16 micro-kernel check -> Triton ptxas
 # report, gpu_check.sh --dry-run, the torch matrix (G2TR_TORCH_MATRIX=1) -> libtorch CMake
-# build and its ctests (the dispatcher test, the merge splits, the README's C++ block) -> the wheel check.
+# build and its ctests (the dispatcher test, the merge splits, the README's C++ block) -> the wheel check ->
+# (G2TR_SANITIZE=1) the ASan+UBSan run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
@@ -74,3 +75,10 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 # outside the clone; reuses the extension built above, no second compile (224 s measured on
 # 2 cores at load average ~16).
 bash tools/wheel_check.sh
+
+# The C++ CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: their ctest and
+# the Python tests that attack the raw ops, fuzz cases included (tools/sanitize.sh). Two
+# more builds of the kernels: behind a flag, see the README's "Reliability" section.
+if [ "${G2TR_SANITIZE:-0}" = "1" ]; then
+  bash tools/sanitize.sh
+fi

@@ -8,19 +8,21 @@
 namespace g2tr::cpu {
 
 // scores[i] = cos(token i, anchor of its cell), cells[i] = its local cell id, and,
-// when inv_norms is not null, inv_norms[i] = 1 / max(|token i|, eps): one pass over
-// the tokens, whose norms the merge reuses.
+// when inv_norms is not null, the token's cosine scale (vec.h cosine_scale: inv_norms[i]
+// and pow2s[i], with token i / max(|token i|, eps) = (token i * pow2s[i]) * inv_norms[i]):
+// one pass over the tokens, whose norms the merge reuses.
 template <typename T>
 void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores,
-                  int64_t* cells, float* inv_norms);
+                  int64_t* cells, float* inv_norms, float* pow2s);
 
 // Kept indices of every image (global, ascending) into keep_idx[kept_begin[b] ...].
 void select_tokens(const float* scores, const int64_t* cells, const Images& im, const int64_t* cell_counts,
                    const int64_t* cell_quotas, int64_t* keep_idx);
 
-// Merged rows and assignment of every image. inv_norms may be null (computed here).
+// Merged rows and assignment of every image. inv_norms and pow2s (score_tokens) may be
+// null together (computed here).
 template <typename T>
 void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t* keep_idx, double merge_weight,
-                  const float* inv_norms, T* merged, int64_t* assign);
+                  const float* inv_norms, const float* pow2s, T* merged, int64_t* assign);
 
 }  // namespace g2tr::cpu

@@ -80,22 +80,29 @@ void assign_by_gemm(int64_t m, int64_t n, const float* a_scale, const float* b_s
 }
 
 // fp32_gemm: kept rows widened to fp32 once, dropped rows a block at a time, at::mm (MKL).
+// a_pow2 / b_pow2 (null: all 1): rows of extreme magnitude enter the GEMM multiplied by
+// their power of two (common.h cosine_pow2), so no dot product overflows. Its buffers are
+// the kept rows and one block, in fp32: at most twice the rows they widen.
 template <typename T>
 void assign_fp32_gemm(const T* rows, int64_t dim, const std::vector<int64_t>& dropped, const std::vector<int64_t>& kept,
-                      const float* a_scale, const float* b_scale, int64_t* best) {
+                      const float* a_scale, const float* b_scale, const float* a_pow2, const float* b_pow2,
+                      int64_t* best) {
   const int64_t m = dropped.size(), n = kept.size();
-  auto widen = [&](const std::vector<int64_t>& which, int64_t first, int64_t count, float* out) {
+  auto widen = [&](const std::vector<int64_t>& which, const float* pow2, int64_t first, int64_t count, float* out) {
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) widen_row(out + j * dim, rows + which[first + j] * dim, dim);
+      for (int64_t j = begin; j < end; ++j) {
+        if (pow2) scale_row(out + j * dim, rows + which[first + j] * dim, pow2[first + j], dim);
+        else widen_row(out + j * dim, rows + which[first + j] * dim, dim);
+      }
     });
   };
   auto kept_rows = at::empty({n, dim}, at::kFloat);
-  widen(kept, 0, n, kept_rows.data_ptr<float>());
+  widen(kept, b_pow2, 0, n, kept_rows.data_ptr<float>());
   const at::Tensor kept_t = kept_rows.t();
   auto block = at::empty({std::min(kGemmRows, m), dim}, at::kFloat);
   assign_by_gemm(
       m, n, a_scale, b_scale, best,
-      [&](int64_t r0, int64_t count) { widen(dropped, r0, count, block.data_ptr<float>()); },
+      [&](int64_t r0, int64_t count) { widen(dropped, a_pow2, r0, count, block.data_ptr<float>()); },
       [&](int64_t count, float* sim) {
         auto out = at::from_blob(sim, {count, n}, at::kFloat);
         at::mm_out(out, block.narrow(0, 0, count), kept_t);
@@ -144,32 +151,46 @@ void assign_bf16_dot(const c10::BFloat16* rows, int64_t dim, const std::vector<i
   });
 }
 
+// a_pow2 / b_pow2: null when every row of the image has normal magnitude.
 template <typename T>
 void assign_image(MergePath path, const T* rows, int64_t dim, const std::vector<int64_t>& dropped,
-                  const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
+                  const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, const float* a_pow2,
+                  const float* b_pow2, int64_t* best) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (path == MergePath::bf16_dot) return assign_bf16_dot(rows, dim, dropped, kept, a_scale, b_scale, best);
-    if (path == MergePath::bf16_gemm) return assign_bf16_gemm(rows, dim, dropped, kept, a_scale, b_scale, best);
+    // Extreme rows need their exact power-of-two scaling, which only the fp32 path applies.
+    if (!a_pow2) {
+      // The packed panels pad the kept rows to a multiple of the panel width: with few kept
+      // rows and a large D that padding would dwarf the input (2 x 2^24 bf16, one kept row:
+      // 1.5 GiB). The micro-kernel runs only when packing at most doubles the kept rows;
+      // otherwise the fp32 GEMM path, whose buffers are at most twice the rows they widen.
+      const int64_t kept_elems = static_cast<int64_t>(kept.size()) * (dim + 1);
+      if (path == MergePath::bf16_dot && dot_argmax_packed_size(kept.size(), dim) <= 2 * kept_elems)
+        return assign_bf16_dot(rows, dim, dropped, kept, a_scale, b_scale, best);
+      if (path == MergePath::bf16_gemm) return assign_bf16_gemm(rows, dim, dropped, kept, a_scale, b_scale, best);
+    }
   }
-  assign_fp32_gemm(rows, dim, dropped, kept, a_scale, b_scale, best);
+  assign_fp32_gemm(rows, dim, dropped, kept, a_scale, b_scale, a_pow2, b_pow2, best);
 }
 
 // One image: kept/dropped split, assignment, grouped mean. Parallel inside (its loops run
 // inline when the caller already spreads images over the threads).
 template <typename T>
 void merge_image(MergePath path, const T* tokens, int64_t dim, const Images& im, int64_t b, const int64_t* keep_idx,
-                 float lambda, const float* inv_norms, T* merged, int64_t* assign) {
+                 float lambda, const float* inv_norms, const float* pow2s, T* merged, int64_t* assign) {
   std::vector<int64_t> kept, dropped, target, group_begin, group;
-  std::vector<float> inv, kept_inv, dropped_inv;
+  std::vector<float> inv, pow2, kept_inv, dropped_inv, kept_pow2, dropped_pow2;
   const int64_t first = im.tokens_begin[b], n = im.length(b), k = im.kept(b), out0 = im.kept_begin[b];
   const T* rows = tokens + first * dim;
   // Kept rows must be strictly ascending inside the image: checked, never trusted.
   kept.resize(k);
   dropped.clear();
   for (int64_t r = 0, prev = -1; r < k; ++r) {
-    const int64_t t = keep_idx[out0 + r] - first;
-    TORCH_CHECK_VALUE(t > prev && t < n, "g2tr.merge: keep_idx of image ", b, " must be strictly ascending within [",
-                      first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
+    // Compared before subtracting: keep_idx may hold any int64 (-2^63 - first overflows).
+    const int64_t global = keep_idx[out0 + r];
+    TORCH_CHECK_VALUE(global > first + prev && global < first + n, "g2tr.merge: keep_idx of image ", b,
+                      " must be strictly ascending within [", first, ", ", first + n, "), got ", global,
+                      " at position ", out0 + r);
+    const int64_t t = global - first;
     for (int64_t d = prev + 1; d < t; ++d) dropped.push_back(d);
     kept[r] = t;
     prev = t;
@@ -177,20 +198,34 @@ void merge_image(MergePath path, const T* tokens, int64_t dim, const Images& im,
       for (int64_t d = t + 1; d < n; ++d) dropped.push_back(d);
   }
   const float* image_inv = inv_norms ? inv_norms + first : nullptr;
+  const float* image_pow2 = inv_norms ? pow2s + first : nullptr;
   if (!image_inv) {
     inv.resize(n);
+    pow2.resize(n);
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) inv[t] = inv_norm(sumsq(rows + t * dim, dim));
+      for (int64_t t = begin; t < end; ++t) {
+        const T* x = rows + t * dim;
+        inv[t] = cosine_scale(x, dim, sumsq(x, dim), &pow2[t]);
+      }
     });
     image_inv = inv.data();
+    image_pow2 = pow2.data();
   }
+  const bool rescaled = std::any_of(image_pow2, image_pow2 + n, [](float p) { return p != 1.0f; });
   kept_inv.resize(k);
   dropped_inv.resize(dropped.size());
   for (int64_t r = 0; r < k; ++r) kept_inv[r] = image_inv[kept[r]];
   for (size_t r = 0; r < dropped.size(); ++r) dropped_inv[r] = image_inv[dropped[r]];
+  if (rescaled) {
+    kept_pow2.resize(k);
+    dropped_pow2.resize(dropped.size());
+    for (int64_t r = 0; r < k; ++r) kept_pow2[r] = image_pow2[kept[r]];
+    for (size_t r = 0; r < dropped.size(); ++r) dropped_pow2[r] = image_pow2[dropped[r]];
+  }
   target.resize(dropped.size());
   if (!dropped.empty())
-    assign_image(path, rows, dim, dropped, kept, dropped_inv.data(), kept_inv.data(), target.data());
+    assign_image(path, rows, dim, dropped, kept, dropped_inv.data(), kept_inv.data(),
+                 rescaled ? dropped_pow2.data() : nullptr, rescaled ? kept_pow2.data() : nullptr, target.data());
 
   // Group dropped tokens by target; walking them in ascending order keeps each group ascending.
   group_begin.assign(k + 1, 0);
@@ -223,7 +258,7 @@ void merge_image(MergePath path, const T* tokens, int64_t dim, const Images& im,
 
 template <typename T>
 void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t* keep_idx, double merge_weight,
-                  const float* inv_norms, T* merged, int64_t* assign) {
+                  const float* inv_norms, const float* pow2s, T* merged, int64_t* assign) {
   const float lambda = static_cast<float>(merge_weight);
   const MergePath path = merge_path_for(c10::CppTypeToScalarType<T>::value).path;
   int64_t largest_work = 0;
@@ -232,17 +267,17 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
   if (im.count() > 1 && at::get_num_threads() > 1 && largest_work <= kSmallImageWork) {
     at::parallel_for(0, im.count(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
-        merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, merged, assign);
+        merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, pow2s, merged, assign);
     });
     return;
   }
   for (int64_t b = 0; b < im.count(); ++b)
-    merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, merged, assign);
+    merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, pow2s, merged, assign);
 }
 
 #define G2TR_INSTANTIATE(T)                                                                                  \
-  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*, T*, \
-                                int64_t*);
+  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*,  \
+                                const float*, T*, int64_t*);
 G2TR_INSTANTIATE(float)
 G2TR_INSTANTIATE(c10::BFloat16)
 G2TR_INSTANTIATE(c10::Half)
@@ -259,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& tokens_in, const 
   auto assign = at::empty({tokens.size(0)}, keep_idx.options());
   G2TR_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "g2tr_merge", [&] {
     merge_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), tokens.size(1), im, keep_idx.const_data_ptr<int64_t>(),
-                           merge_weight, nullptr, merged.data_ptr<scalar_t>(), assign.data_ptr<int64_t>());
+                           merge_weight, nullptr, nullptr, merged.data_ptr<scalar_t>(), assign.data_ptr<int64_t>());
   });
   return {merged, assign};
 }

@@ -18,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cp
   auto scores = at::empty({n}, tokens.options().dtype(at::kFloat));
   auto cells = at::empty({n}, tokens.options().dtype(at::kLong));
   auto inv_norms = at::empty({n}, tokens.options().dtype(at::kFloat));
+  auto pow2s = at::empty({n}, tokens.options().dtype(at::kFloat));
   auto keep_idx = at::empty({k}, tokens.options().dtype(at::kLong));
   auto merged = at::empty({k, dim}, tokens.options());
   auto assign = at::empty({n}, tokens.options().dtype(at::kLong));
@@ -27,11 +28,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cp
   for (int64_t b = 0; b < im.count(); ++b) cell_counts[b] = im.cells(b);
   G2TR_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "g2tr_reduce", [&] {
     score_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(), dim, im,
-                           scores.data_ptr<float>(), cells.data_ptr<int64_t>(), inv_norms.data_ptr<float>());
+                           scores.data_ptr<float>(), cells.data_ptr<int64_t>(), inv_norms.data_ptr<float>(),
+                           pow2s.data_ptr<float>());
     select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts.data(),
                   quotas.data(), keep_idx.data_ptr<int64_t>());
     merge_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), dim, im, keep_idx.const_data_ptr<int64_t>(),
-                           merge_weight, inv_norms.const_data_ptr<float>(), merged.data_ptr<scalar_t>(),
+                           merge_weight, inv_norms.const_data_ptr<float>(), pow2s.const_data_ptr<float>(),
+                           merged.data_ptr<scalar_t>(),
                            assign.data_ptr<int64_t>());
   });
   return {merged, keep_idx, cu_seqlens, scores, assign};

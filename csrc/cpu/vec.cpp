@@ -7,6 +7,7 @@
 // results are bitwise reproducible.
 #include "vec.h"
 
+#include <cmath>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -48,20 +49,25 @@ G2TR_INLINE float tree_sum(float* acc) {
   return acc[0];
 }
 
-template <typename T>
-G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq, float* y_sumsq) {
+// Scaled: each element times a power of two first (exact), for rows of extreme magnitude;
+// a separate instantiation, so the plain one is the loop it always was.
+template <bool Scaled, typename T>
+G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float px, float py, float* dot,
+                                     float* x_sumsq, float* y_sumsq) {
   float acc_dot[kLanes] = {0}, acc_xx[kLanes] = {0}, acc_yy[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float a = widen(x[i + l]), b = widen(y[i + l]);
+      float a = widen(x[i + l]), b = widen(y[i + l]);
+      if constexpr (Scaled) a *= px, b *= py;
       acc_dot[l] += a * b;
       acc_xx[l] += a * a;
       acc_yy[l] += b * b;
     }
   }
   for (int l = 0; i < d; ++i, ++l) {
-    const float a = widen(x[i]), b = widen(y[i]);
+    float a = widen(x[i]), b = widen(y[i]);
+    if constexpr (Scaled) a *= px, b *= py;
     acc_dot[l] += a * b;
     acc_xx[l] += a * a;
     acc_yy[l] += b * b;
@@ -71,20 +77,32 @@ G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float* d
   *y_sumsq = tree_sum(acc_yy);
 }
 
-template <typename T>
-G2TR_INLINE float sumsq_impl(const T* x, int64_t d) {
+template <bool Scaled, typename T>
+G2TR_INLINE float sumsq_impl(const T* x, int64_t d, float px) {
   float acc[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const float a = widen(x[i + l]);
+      float a = widen(x[i + l]);
+      if constexpr (Scaled) a *= px;
       acc[l] += a * a;
     }
   for (int l = 0; i < d; ++i, ++l) {
-    const float a = widen(x[i]);
+    float a = widen(x[i]);
+    if constexpr (Scaled) a *= px;
     acc[l] += a * a;
   }
   return tree_sum(acc);
+}
+
+template <typename T>
+G2TR_INLINE float max_abs_impl(const T* x, int64_t d) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float a = std::fabs(widen(x[i]));
+    m = a > m ? a : m;  // NaN never compares greater
+  }
+  return m;
 }
 
 }  // namespace
@@ -92,9 +110,15 @@ G2TR_INLINE float sumsq_impl(const T* x, int64_t d) {
 #define G2TR_DEFINE_ROW_KERNELS(T)                                                                       \
   G2TR_CLONES void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq,         \
                                   float* y_sumsq) {                                                      \
-    dot_and_sumsqs_impl(x, y, d, dot, x_sumsq, y_sumsq);                                                 \
+    dot_and_sumsqs_impl<false>(x, y, d, 1.0f, 1.0f, dot, x_sumsq, y_sumsq);                             \
   }                                                                                                      \
-  G2TR_CLONES float sumsq(const T* x, int64_t d) { return sumsq_impl(x, d); }                            \
+  G2TR_CLONES float sumsq(const T* x, int64_t d) { return sumsq_impl<false>(x, d, 1.0f); }               \
+  void dot_and_sumsqs_scaled(const T* x, const T* y, int64_t d, float px, float py, float* dot,          \
+                             float* x_sumsq, float* y_sumsq) {                                           \
+    dot_and_sumsqs_impl<true>(x, y, d, px, py, dot, x_sumsq, y_sumsq);                                   \
+  }                                                                                                      \
+  float sumsq_scaled(const T* x, int64_t d, float px) { return sumsq_impl<true>(x, d, px); }             \
+  float max_abs(const T* x, int64_t d) { return max_abs_impl(x, d); }                                    \
   G2TR_CLONES void scale_row(float* acc, const T* x, float s, int64_t d) {                               \
     for (int64_t i = 0; i < d; ++i) acc[i] = widen(x[i]) * s;                                            \
   }                                                                                                      \

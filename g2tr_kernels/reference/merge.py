@@ -6,9 +6,8 @@ batch; this project does not, on purpose).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .anchor_scores import NORM_EPS
+from .anchor_scores import unit
 
 
 def merge_one_image(v: torch.Tensor, kept: torch.Tensor, merge_weight: float):
@@ -21,8 +20,8 @@ def merge_one_image(v: torch.Tensor, kept: torch.Tensor, merge_weight: float):
     is_kept = torch.zeros(n, dtype=torch.bool, device=v.device)
     is_kept[kept] = True
     dropped = torch.nonzero(~is_kept).squeeze(1)
-    unit = F.normalize(x, dim=-1, eps=NORM_EPS)
-    sim = unit[dropped] @ unit[kept].T
+    u = unit(x)  # exact for every finite magnitude (anchor_scores.unit)
+    sim = u[dropped] @ u[kept].T
     # NaN never wins; argmax returns the first (lowest) index among equal maxima.
     sim = torch.nan_to_num(sim, nan=float("-inf"))
     target = torch.argmax(sim, dim=1) if kept.numel() else torch.zeros_like(dropped)

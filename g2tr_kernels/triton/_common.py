@@ -26,6 +26,35 @@ import triton.language as tl
 
 
 @triton.jit
+def needs_rescale(sum_of_squares):
+    """common.h needs_rescale: a sum of squares outside [2^-100, 2^100] (NaN: False)."""
+    return (sum_of_squares < 7.888609052210118e-31) | (sum_of_squares > 1.2676506002282294e30)
+
+
+@triton.jit
+def cosine_pow2(max_abs):
+    """common.h cosine_pow2: 2^p with p = 126 - biased exponent of max_abs, clamped to
+    [-126, 127]; 1 for zero or non-finite max_abs. Bit arithmetic (no libdevice frexp)."""
+    biased = (max_abs.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    p = tl.minimum(tl.maximum(126 - biased, -126), 127)
+    pow2 = ((p + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where((max_abs == 0.0) | (biased == 0xFF), 1.0, pow2)
+
+
+@triton.jit
+def row_pow2(x_ptr, row, live, D, BLOCK_D: tl.constexpr):
+    """cosine_pow2 of the max-abs of rows x_ptr + row[i] (int64 offsets); a second pass
+    over D, run only for blocks holding a row that needs_rescale."""
+    m = tl.zeros(row.shape, dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+        a = tl.abs(x.to(tl.float32))
+        m = tl.maximum(m, tl.max(tl.where(a == a, a, 0.0), axis=1))  # NaN ignored, as in max_abs
+    return cosine_pow2(m)
+
+
+@triton.jit
 def order_bits(value):
     """fp32 -> int32 whose signed order is the float order; NaN ranks with -inf, -0 == +0."""
     value = tl.where(value != value, -float("inf"), value)
@@ -48,9 +77,11 @@ def key_index(key):
 
 
 @triton.jit
-def inv_norm(sum_of_squares):
-    """1 / max(|x|, 1e-12) with IEEE sqrt and division (common.h inv_norm)."""
-    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), 1e-12))
+def inv_norm(sum_of_squares, pow2):
+    """1 / max(|x|, 1e-12) with IEEE sqrt and division (common.h inv_norm); for a row scaled
+    by the power of two pow2 (cosine_pow2 above, 1 for normal rows),
+    x / max(|x|, eps) = (x * pow2) * result."""
+    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), 1e-12 * pow2))
 
 
 # ---------------------------------------------------------------------------------------

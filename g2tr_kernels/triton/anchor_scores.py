@@ -28,8 +28,10 @@ from ._common import (
     launch,
     launch_guard,
     launchable,
+    needs_rescale,
     padded_width,
     rank_key,
+    row_pow2,
     starts,
 )
 
@@ -44,6 +46,7 @@ def _score_kernel(
     scores,  # fp32 [N] out
     cells,  # int64 [N] out
     inv_norms,  # fp32 [N] out (WRITE_NORMS)
+    pow2s,  # fp32 [N] out (WRITE_NORMS): the token's cosine_pow2 (1 for normal rows)
     cell_best,  # int64 [total cells] in/out, starts at int64 min (CELL_BEST)
     D,  # columns to read: padded_width(D), zeros past the true D (_common.aligned_rows)
     token_stride,  # row strides (multiples of 16)
@@ -87,13 +90,33 @@ def _score_kernel(
         dot += tl.sum(t * a, axis=1)
         token_sq += tl.sum(t * t, axis=1)
         anchor_sq += tl.sum(a * a, axis=1)
-    token_inv = inv_norm(token_sq)
-    score = (dot * token_inv) * inv_norm(anchor_sq)
+    token_pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+    anchor_pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+    rescale = live & (needs_rescale(token_sq) | needs_rescale(anchor_sq))
+    if tl.max(rescale.to(tl.int32), axis=0) > 0:  # rare: rows of extreme magnitude (common.h)
+        token_pow2 = tl.where(needs_rescale(token_sq), row_pow2(tokens, token_row, live, D, BLOCK_D), 1.0)
+        anchor_pow2 = tl.where(needs_rescale(anchor_sq), row_pow2(anchors, anchor_row, live, D, BLOCK_D), 1.0)
+        dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+        token_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+        anchor_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = live[:, None] & (d < D)[None, :]
+            t = tl.load(tokens + token_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(anchors + anchor_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            t = t * token_pow2[:, None]
+            a = a * anchor_pow2[:, None]
+            dot += tl.sum(t * a, axis=1)
+            token_sq += tl.sum(t * t, axis=1)
+            anchor_sq += tl.sum(a * a, axis=1)
+    token_inv = inv_norm(token_sq, token_pow2)
+    score = (dot * token_inv) * inv_norm(anchor_sq, anchor_pow2)
 
     tl.store(scores + tok_begin + local, score, mask=live)
     tl.store(cells + tok_begin + local, cell, mask=live)
     if WRITE_NORMS:
         tl.store(inv_norms + tok_begin + local, token_inv, mask=live)
+        tl.store(pow2s + tok_begin + local, token_pow2, mask=live)
     if CELL_BEST:
         tl.atomic_max(cell_best + cell_begin + cell, rank_key(score, local), mask=live)
 
@@ -106,15 +129,19 @@ def score(
     want_norms: bool = False,
     want_cell_best: bool = False,
     op: str = "g2tr.triton_anchor_scores",
+    pow2s: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launcher: (scores fp32 [N], cells int64 [N], inv_norms fp32 [N] or None,
-    cell_best int64 [sum(h_a * w_a)] or None). grids / anchor_grids: (h, w) pairs."""
+    cell_best int64 [sum(h_a * w_a)] or None). grids / anchor_grids: (h, w) pairs.
+    pow2s: fp32 [N] that receives each token's cosine_pow2 with the norms (for the merge)."""
     tokens, anchors = aligned_rows(tokens), aligned_rows(anchors)
     n_total, dim = tokens.shape
     device = tokens.device
     scores = torch.empty(n_total, dtype=torch.float32, device=device)
     cells = torch.empty(n_total, dtype=torch.int64, device=device)
     inv_norms = torch.empty(n_total, dtype=torch.float32, device=device) if want_norms else None
+    if want_norms and pow2s is None:
+        pow2s = torch.empty(n_total, dtype=torch.float32, device=device)
     num_cells = sum(h * w for h, w in anchor_grids)
     cell_best = (
         torch.full((num_cells,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
@@ -136,10 +163,11 @@ def score(
         # Unused outputs get a one-element stand-in, never an alias of another argument
         # (torch.compile's functionalization would treat an alias as a second output).
         norms_arg = torch.empty(1, dtype=torch.float32, device=device) if inv_norms is None else inv_norms
+        pow2_arg = torch.empty(1, dtype=torch.float32, device=device) if pow2s is None else pow2s
         best_arg = torch.empty(1, dtype=torch.int64, device=device) if cell_best is None else cell_best
         with launch_guard(tokens):
             launch(_score_kernel)[grid](
-                tokens, anchors, table, scores, cells, norms_arg, best_arg,
+                tokens, anchors, table, scores, cells, norms_arg, pow2_arg, best_arg,
                 padded_width(dim), tokens.stride(0), anchors.stride(0), BLOCK_T=block_t, BLOCK_D=block_d,
                 WRITE_NORMS=inv_norms is not None, CELL_BEST=cell_best is not None, num_warps=4,
             )

@@ -22,8 +22,13 @@ all images of the packed batch at once:
    atomics anywhere.
 
 keep_idx must be strictly ascending inside each image (as every selection returns it).
-Invalid keep_idx is not detected here (that would need a host sync), but every index the
-kernels use is clamped into its image, so it cannot read or write out of bounds.
+torch.ops.g2tr.triton_merge checks that on the host before any launch and raises the cpu
+backend's ValueError (_checks.kept_indices); on CUDA tensors that reads keep_idx back, one
+sync of K_total int64. Under torch.compile tracing there is no data to read and the check
+is skipped; the kernels are then defined for any keep_idx instead: every index they use is
+clamped into its image and assign starts at zeros, so they never read or write out of
+bounds and every assign value is an output row in [0, K_total). The fused reduce passes the
+keep_idx its own selection made, valid by construction, and does not check it.
 """
 from __future__ import annotations
 
@@ -45,8 +50,10 @@ from ._common import (
     launch,
     launch_guard,
     launchable,
+    needs_rescale,
     padded_width,
     rank_key,
+    row_pow2,
     starts,
 )
 
@@ -87,6 +94,7 @@ def _prepare_kernel(
     assign,  # int64 [N] out: output rows of kept tokens (dropped ones: _group_kernel)
     dropped,  # int64 [N - K_total] out: dropped tokens (global), ascending per image
     inv_norms,  # fp32 [N] out (WRITE_NORMS)
+    pow2s,  # fp32 [N] out (WRITE_NORMS): cosine_pow2 of each token (anchor_scores.py)
     D,  # columns to read: padded_width(D), zeros past the true D (_common.aligned_rows)
     stride,  # row stride of tokens (a multiple of 16)
     BLOCK_T: tl.constexpr,
@@ -111,15 +119,24 @@ def _prepare_kernel(
     tl.store(dropped + drop_begin + slot, token, mask=live & ~is_kept & (slot >= 0) & (slot < n - k))
 
     if WRITE_NORMS:
+        row = token.to(tl.int64) * stride
         sq = tl.zeros([BLOCK_T], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(
-                tokens + token.to(tl.int64)[:, None] * stride + d[None, :],
-                mask=live[:, None] & (d < D)[None, :], other=0.0,
-            ).to(tl.float32)
+            x = tl.load(tokens + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+            x = x.to(tl.float32)
             sq += tl.sum(x * x, axis=1)
-        tl.store(inv_norms + token, inv_norm(sq), mask=live)
+        pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+        if tl.max((live & needs_rescale(sq)).to(tl.int32), axis=0) > 0:  # rare: extreme magnitudes
+            pow2 = tl.where(needs_rescale(sq), row_pow2(tokens, row, live, D, BLOCK_D), 1.0)
+            sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                x = tl.load(tokens + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+                x = x.to(tl.float32) * pow2[:, None]
+                sq += tl.sum(x * x, axis=1)
+        tl.store(inv_norms + token, inv_norm(sq, pow2), mask=live)
+        tl.store(pow2s + token, pow2, mask=live)
 
 
 @triton.jit
@@ -128,6 +145,7 @@ def _assign_kernel(
     keep_idx,  # int64 [K_total]
     dropped,  # int64 [N - K_total], from _prepare_kernel
     inv_norms,  # fp32 [N]
+    pow2s,  # fp32 [N]
     table,  # int64 [B, 5]
     best,  # int64 [N - K_total] in/out: max rank_key(value, local kept row), starts at int64 min
     D,  # columns to read: padded_width(D)
@@ -162,6 +180,8 @@ def _assign_kernel(
     row_tok = tl.load(dropped + drop_begin + m, mask=m_live, other=0)
     row_tok = tl.minimum(tl.maximum(row_tok, tok_begin), tok_begin + n - 1)
     row_inv = tl.load(inv_norms + row_tok)
+    a_pow2 = tl.load(pow2s + row_tok)
+    rows_scaled = tl.max((a_pow2 != 1.0).to(tl.int32), axis=0) > 0
     dk = tl.arange(0, BLOCK_K)
     a_ptrs = tokens + row_tok.to(tl.int64)[:, None] * stride + dk[None, :]
 
@@ -173,16 +193,26 @@ def _assign_kernel(
         col_tok = tl.load(keep_idx + keep_begin + col, mask=col_live, other=0)
         col_tok = tl.minimum(tl.maximum(col_tok, tok_begin), tok_begin + n - 1)
         col_inv = tl.load(inv_norms + col_tok)
+        b_pow2 = tl.load(pow2s + col_tok)
         b_ptrs = tokens + col_tok.to(tl.int64)[None, :] * stride + dk[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_K):
-            d_live = dk < D - d0
-            a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0)
-            b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if rows_scaled | (tl.max((b_pow2 != 1.0).to(tl.int32), axis=0) > 0):
+            # Rare: rows of extreme magnitude enter the dot scaled by their exact power of
+            # two (anchor_scores.py cosine_pow2), in IEEE fp32, so no product overflows.
+            for d0 in range(0, D, BLOCK_K):
+                d_live = dk < D - d0
+                a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0).to(tl.float32) * a_pow2[:, None]
+                b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0).to(tl.float32) * b_pow2[None, :]
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            for d0 in range(0, D, BLOCK_K):
+                d_live = dk < D - d0
+                a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0)
+                b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
         value = (acc * col_inv[None, :]) * row_inv[:, None]
         # NaN and padding columns can never win.
         value = tl.where(col_live[None, :] & (value == value), value, -float("inf"))
@@ -333,10 +363,11 @@ def merge_tokens(
     inv_norms: Optional[torch.Tensor] = None,
     splits: Optional[int] = None,
     op: str = "g2tr.triton_merge",
+    pow2s: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launcher: (merged [sum(budgets), D] input dtype, assign int64 [N] global output rows).
 
-    inv_norms: fp32 [N] from the score kernel, or None to compute them here.
+    inv_norms, pow2s: fp32 [N] each from the score kernel, or None to compute them here.
     splits: column splits of the assignment (None: chosen from the device's SM count).
     """
     lengths, budgets = list(lengths), list(budgets)
@@ -346,7 +377,9 @@ def merge_tokens(
     device = tokens.device
     k_total = sum(budgets)
     merged = torch.empty((k_total, dim), dtype=tokens.dtype, device=device)
-    assign = torch.empty(n_total, dtype=torch.int64, device=device)
+    # Zeros, not empty: with an invalid keep_idx (not checked on this path, see triton_merge)
+    # some tokens are never written, and they must still hold an in-range row.
+    assign = torch.zeros(n_total, dtype=torch.int64, device=device)
     if not lengths:
         return merged, assign
     drops = [n - k for n, k in zip(lengths, budgets)]
@@ -360,6 +393,9 @@ def merge_tokens(
     write_norms = inv_norms is None
     if write_norms:
         inv_norms = torch.empty(n_total, dtype=torch.float32, device=device)
+        pow2s = torch.empty(n_total, dtype=torch.float32, device=device)
+    elif pow2s is None:
+        pow2s = torch.ones(n_total, dtype=torch.float32, device=device)
     if not launchable(tokens, op):
         return merged, assign
 
@@ -368,7 +404,7 @@ def merge_tokens(
         block_t, block_d = (64, 128) if interpreted() else (32, 128)
         block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
         launch(_prepare_kernel)[(triton.cdiv(max(lengths), block_t), b)](
-            tokens, keep_idx, table, assign, dropped, inv_norms, width, tokens.stride(0),
+            tokens, keep_idx, table, assign, dropped, inv_norms, pow2s, width, tokens.stride(0),
             BLOCK_T=block_t, BLOCK_D=block_d, STEPS=max(budgets).bit_length(), WRITE_NORMS=write_norms,
         )
         max_drop = max(drops)
@@ -383,7 +419,7 @@ def merge_tokens(
                 splits = _splits(sum(triton.cdiv(m, block_m) for m in drops), kept_tiles, device)
             grid = (triton.cdiv(max_drop, block_m), max(1, min(splits, kept_tiles)), b)
             launch(_assign_kernel)[grid](
-                tokens, keep_idx, dropped, inv_norms, table, best, width, tokens.stride(0),
+                tokens, keep_idx, dropped, inv_norms, pow2s, table, best, width, tokens.stride(0),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
             )
@@ -412,4 +448,5 @@ def triton_merge(
     """torch.ops.g2tr.triton_merge: same contract as torch.ops.g2tr.merge."""
     op = "g2tr.triton_merge"
     lengths, budgets = _checks.merge_args(op, tokens, keep_idx, lengths, budgets, merge_weight)
+    _checks.kept_indices(op, keep_idx, lengths, budgets)
     return merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, op=op)

@@ -36,9 +36,10 @@ def reduce_tokens(
     lengths = [h * w for h, w in grids]
     budgets = [budget(n, keep_ratio, min_keep) for n in lengths]
     cell_counts = [h * w for h, w in anchor_grids]
-    scores, cells, inv_norms, cell_best = score(tokens, anchors, grids, anchor_grids, True, True, op)
+    pow2s = torch.empty(tokens.shape[0], dtype=torch.float32, device=tokens.device)
+    scores, cells, inv_norms, cell_best = score(tokens, anchors, grids, anchor_grids, True, True, op, pow2s)
     keep_idx = select(scores, cells, lengths, budgets, cell_counts, [1] * len(lengths), cell_best, op)
-    merged, assign = merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, inv_norms, op=op)
+    merged, assign = merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, inv_norms, op=op, pow2s=pow2s)
     cu_seqlens = fresh_table(starts(budgets), tokens, torch.int32)
     return merged, keep_idx, cu_seqlens, scores, assign
 

@@ -9,6 +9,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -21,6 +22,11 @@
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace g2tr {
+
+// Sizes come from host ints a caller controls: every product and running sum is checked,
+// so a wrapped value can never pass a size check and reach a kernel as an index.
+inline bool mul_fits(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+inline bool add_fits(int64_t a, int64_t b, int64_t* out) { return !__builtin_add_overflow(a, b, out); }
 
 // Per-image geometry of a packed batch, derived from the grids.
 struct Images {
@@ -61,9 +67,26 @@ inline void read_grid_pairs(const char* op, const char* name, c10::IntArrayRef g
   }
 }
 
+// The kernels compute in fp32, so merge_weight is checked as the fp32 they will use:
+// 1e-300 (0 in fp32) and 1e39 (inf in fp32) are finite positive doubles but not weights.
+// The range test comes first: casting an out-of-range double to float is undefined.
 inline void check_merge_weight(const char* op, double merge_weight) {
-  TORCH_CHECK_VALUE(std::isfinite(merge_weight) && merge_weight > 0.0, op,
-              ": merge_weight must be a finite number > 0, got ", merge_weight);
+  TORCH_CHECK_VALUE(merge_weight > 0.0 && merge_weight <= static_cast<double>(FLT_MAX) &&
+                        static_cast<float>(merge_weight) > 0.0f,
+                    op, ": merge_weight must be a finite positive float32 (in (0, 3.4e38], not 0 when rounded to "
+                    "float32), got ", merge_weight);
+}
+
+// End offset of image b's h x w rows, which start at `begin`. An image whose h * w, or
+// whose end, does not fit in int64 cannot fit in any tensor: rejected here, naming the
+// argument and the image, before a wrapped value could pass the N / M check that follows.
+inline int64_t image_end(const char* op, const char* name, const char* tensor, int64_t b, int64_t h, int64_t w,
+                         int64_t begin, int64_t rows) {
+  int64_t size = 0, end = 0;
+  TORCH_CHECK_VALUE(mul_fits(h, w, &size) && add_fits(begin, size, &end), op, ": image ", b, " of ", name, " (",
+                    h, " x ", w, ") does not fit in ", tensor, " (", rows, " rows): with the ", begin,
+                    " rows of the images before it, it overflows int64");
+  return end;
 }
 
 // tokens [N, D], anchors [M, D], grids and anchor_grids: checks and per-image offsets.
@@ -84,8 +107,15 @@ inline Images check_images(const char* op, const at::Tensor& tokens, const at::T
   im.tokens_begin.assign(1, 0);
   im.anchors_begin.assign(1, 0);
   for (int64_t b = 0; b < im.count(); ++b) {
-    im.tokens_begin.push_back(im.tokens_begin.back() + im.h[b] * im.w[b]);
-    im.anchors_begin.push_back(im.anchors_begin.back() + im.h_a[b] * im.w_a[b]);
+    im.tokens_begin.push_back(image_end(op, "grids", "tokens", b, im.h[b], im.w[b], im.tokens_begin.back(),
+                                        tokens.size(0)));
+    im.anchors_begin.push_back(image_end(op, "anchor_grids", "anchors", b, im.h_a[b], im.w_a[b],
+                                         im.anchors_begin.back(), anchors.size(0)));
+    // The cell map multiplies a row (< h) by h_a and a column (< w) by w_a.
+    int64_t unused;
+    TORCH_CHECK_VALUE(mul_fits(im.h[b], im.h_a[b], &unused) && mul_fits(im.w[b], im.w_a[b], &unused), op,
+                      ": grids and anchor_grids of image ", b, " (", im.h[b], " x ", im.w[b], " over ", im.h_a[b],
+                      " x ", im.w_a[b], ") are too large: h * h_a and w * w_a must fit in int64");
   }
   TORCH_CHECK_VALUE(tokens.size(0) == im.tokens_begin.back(), op, ": tokens have N = ", tokens.size(0),
               " rows but grids describe ", im.tokens_begin.back(), " tokens (sum of h * w over ", im.count(),
@@ -104,13 +134,15 @@ inline void set_budgets(const char* op, Images& im, c10::IntArrayRef budgets) {
   for (int64_t b = 0; b < im.count(); ++b) {
     TORCH_CHECK_VALUE(budgets[b] >= 1 && budgets[b] <= im.length(b), op, ": budgets[", b, "] (image ", b,
                 ") must be in [1, ", im.length(b), "], got ", budgets[b]);
-    im.kept_begin.push_back(im.kept_begin.back() + budgets[b]);
+    im.kept_begin.push_back(im.kept_begin.back() + budgets[b]);  // <= tokens_begin[b + 1]: no overflow
   }
 }
 
 // Fills kept_begin from keep_ratio / min_keep with the shared budget rule.
 inline void set_budgets(const char* op, Images& im, double keep_ratio, int64_t min_keep) {
-  TORCH_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, op, ": keep_ratio must be in (0, 1], got ", keep_ratio);
+  // keep_ratio is used as the double it arrives as (K = round(N * keep_ratio) in double).
+  TORCH_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, op, ": keep_ratio must be a number in (0, 1], got ",
+                    keep_ratio);
   TORCH_CHECK_VALUE(min_keep >= 1, op, ": min_keep must be >= 1, got ", min_keep);
   im.kept_begin.assign(1, 0);
   for (int64_t b = 0; b < im.count(); ++b) im.kept_begin.push_back(im.kept_begin.back() + budget(im.length(b), keep_ratio, min_keep));
@@ -124,7 +156,7 @@ inline Images images_from_lengths(const char* op, c10::IntArrayRef lengths, int6
     TORCH_CHECK_VALUE(lengths[b] > 0, op, ": lengths[", b, "] (image ", b, ") must be positive, got ", lengths[b]);
     im.h.push_back(1);
     im.w.push_back(lengths[b]);
-    im.tokens_begin.push_back(im.tokens_begin.back() + lengths[b]);
+    im.tokens_begin.push_back(image_end(op, "lengths", "the input", b, 1, lengths[b], im.tokens_begin.back(), total));
   }
   TORCH_CHECK_VALUE(total == im.tokens_begin.back(), op, ": the input has ", total, " tokens but lengths sum to ",
               im.tokens_begin.back());

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define G2TR_HD __host__ __device__ __forceinline__
@@ -28,7 +29,10 @@ G2TR_HD int64_t round_half_even(double x) {
 // K = min(N, max(min_keep, round_half_even(N * keep_ratio))): a function of N and the
 // arguments only, so every output size is known on the host before a kernel runs.
 G2TR_HD int64_t budget(int64_t num_tokens, double keep_ratio, int64_t min_keep) {
-  int64_t k = round_half_even(static_cast<double>(num_tokens) * keep_ratio);
+  const double product = static_cast<double>(num_tokens) * keep_ratio;
+  // A product that rounds to num_tokens or above (keep_ratio 1, or N near 2^63, where
+  // the cast back to int64 would overflow) keeps everything.
+  int64_t k = product < static_cast<double>(num_tokens) ? round_half_even(product) : num_tokens;
   if (k < min_keep) k = min_keep;
   return k < num_tokens ? k : num_tokens;
 }
@@ -53,11 +57,42 @@ G2TR_HD bool ranks_before(float value_a, int64_t index_a, float value_b, int64_t
   return a > b || (a == b && index_a < index_b);
 }
 
-// 1 / max(|x|, eps), torch.nn.functional.normalize's denominator.
+// 1 / max(|x|, eps), torch.nn.functional.normalize's denominator. For a row scaled by
+// the power of two pow2 (see cosine_pow2), sum_of_squares is that of x * pow2 and the
+// result c satisfies x / max(|x|, eps) == (x * pow2) * c: |x * pow2| = pow2 * |x| exactly.
 constexpr float kNormEps = 1e-12f;
-G2TR_HD float inv_norm(float sum_of_squares) {
+G2TR_HD float inv_norm(float sum_of_squares, float pow2 = 1.0f) {
   const float norm = sqrtf(sum_of_squares);
-  return 1.0f / (norm > kNormEps ? norm : kNormEps);
+  const float eps = kNormEps * pow2;
+  return 1.0f / (norm > eps ? norm : eps);
+}
+
+// Cosines exact at any finite magnitude (SPEC.md §3). A row whose fp32 sum of squares
+// lies in [2^-100, 2^100] (|x| in [2^-50, 2^50]: all normal data) is used as it is: its
+// sums of squares and its dot products with any such row (or a rescaled one) neither
+// overflow nor lose bits to underflow. Any other row (rare: |x| ~ 1e20 overflows the
+// sum, |x| ~ 1e-25 underflows it) is multiplied by an exact power of two that brings its
+// max-abs into [2^-23, 4) before every sum it enters, its norm and its dot products
+// alike, so the cosine does not change and the fast path costs one compare per row.
+G2TR_HD bool needs_rescale(float sum_of_squares) {
+  // NaN (a non-finite input) is not rescaled: the NaN propagates as before.
+  return sum_of_squares < 0x1p-100f || sum_of_squares > 0x1p100f;
+}
+
+// 2^p bringing max_abs near 1: p = 126 - its biased exponent, clamped so 2^p is a normal
+// float; 1 for a zero or non-finite row (nothing to rescale). The same bit arithmetic in
+// the Triton kernels (triton/anchor_scores.py).
+G2TR_HD float cosine_pow2(float max_abs) {
+  uint32_t bits;
+  memcpy(&bits, &max_abs, sizeof(bits));
+  const int biased = static_cast<int>((bits >> 23) & 0xFFu);
+  if (max_abs == 0.0f || biased == 0xFF) return 1.0f;
+  int p = 126 - biased;
+  p = p < -126 ? -126 : (p > 127 ? 127 : p);
+  bits = static_cast<uint32_t>(p + 127) << 23;
+  float pow2;
+  memcpy(&pow2, &bits, sizeof(pow2));
+  return pow2;
 }
 
 }  // namespace g2tr
