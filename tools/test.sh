@@ -3,7 +3,7 @@
 #   bash tools/test.sh            # from a fresh clone, on Linux with python3 (venv) + g++
 # Steps: build (tools/setup.sh) -> ptxas report when CUDA kernels were built -> pytest
 # (tests/, Triton kernels under TRITON_INTERPRET=1) -> benchmark smoke run -> the bf16
-# micro-kernel check -> libtorch CMake build and its ctest.
+# micro-kernel check -> libtorch CMake build and its ctest -> vLLM serving (.venv-vllm, tests/vllm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
@@ -41,3 +41,15 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 "$VENV/bin/cmake" "${CMAKE_ARGS[@]}" > build/cmake-configure.log 2>&1 || { tail -n 40 build/cmake-configure.log; exit 1; }
 "$VENV/bin/cmake" --build build/cmake -j2 > build/cmake-build.log 2>&1 || { tail -n 40 build/cmake-build.log; exit 1; }
 "$VENV/bin/ctest" --test-dir build/cmake --output-on-failure
+
+# vLLM serving (issue 13): vLLM for the CPU and this package in .venv-vllm (tools/vllm_env.sh,
+# idempotent), then tests/vllm there. -P: the copy installed in that venv (with the
+# vllm.general_plugins entry point vLLM loads), not the working tree's.
+bash tools/vllm_env.sh
+rc=0
+"${G2TR_VLLM_VENV:-.venv-vllm}/bin/python" -P -m pytest -q tests/vllm || rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests in tests/vllm: that is a failure here" >&2
+  exit 1
+fi
+[ "$rc" -eq 0 ] || exit "$rc"

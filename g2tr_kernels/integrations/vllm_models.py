@@ -6,8 +6,8 @@ processes (it imports vLLM's model modules).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, List, Optional, Tuple
+from collections.abc import Mapping
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,14 +27,20 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens, get_vision_encoder_info
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
-from vllm.transformers_utils.processor import cached_image_processor_from_config
 
-from .vllm import Reducer, ServingConfig, check_rows, serving_config, unnormalize
+from .vllm import Reducer, ServingConfig, check_rows, qwen_patches_to_images, serving_config, unnormalize
 
 
 def _processor_norm(model_config) -> Tuple[List[float], List[float]]:
-    """image_mean / image_std of the model's image processor: how its pixels map back to [0, 1]."""
-    processor = cached_image_processor_from_config(model_config)
+    """image_mean / image_std of the model's image processor: how its pixels map back to [0, 1].
+
+    Read from the checkpoint's own processor config, not vLLM's copy: with device-side
+    normalisation vLLM turns the host normalisation off, and the tower's input_norm applies
+    these same values.
+    """
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_config.model, trust_remote_code=model_config.trust_remote_code)
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
     if mean is None or std is None or not getattr(processor, "do_normalize", True):
         raise ValueError(
@@ -183,9 +189,14 @@ class G2TRQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
     vLLM's multimodal-pruning interface (SupportsMultiModalPruning, EVS), and vLLM's
     recompute_mrope_positions writes them into the request's positions before the prefill.
     vLLM calls that hook only when multimodal pruning is enabled, which it ties to video
-    pruning; the worker's copy of the multimodal config is told pruning is on (videos are
-    refused under G2TR, so no video path changes).
+    pruning: the worker's copy of the multimodal config is told pruning is on (what vLLM's
+    GPU runners read after loading), and g2tr_mrope asks the CPU runner (see
+    integrations.vllm._enable_cpu_pruning_hook). Videos are refused under G2TR, so no video
+    path changes. If the hook does not run, the extra channels reach vLLM's embedding merge
+    and it fails: never a silently wrong position.
     """
+
+    g2tr_mrope = False
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -199,24 +210,15 @@ class G2TRQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         self.is_multimodal_pruning_enabled = False
         # The encoder CUDA-graph path would bypass embed_multimodal: keep it eager.
         self.supports_encoder_cudagraph = False
+        self.g2tr_mrope = True
         object.__setattr__(vllm_config.model_config.multimodal_config, "is_multimodal_pruning_enabled", _always_on)
 
     def _g2tr_images(self, pixel_values: torch.Tensor, grid_thw: List[List[int]]) -> List[torch.Tensor]:
         """The images the vision tower saw, [3, H, W] in [-1, 1], from its flattened patches."""
         vc = self.config.vision_config
-        p, tp, m = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
         pixels = self.visual.input_norm(pixel_values, torch.float32)  # as the tower normalises them
-        images, start = [], 0
-        for t, h, w in grid_thw:
-            rows = pixels[start : start + t * h * w]
-            start += t * h * w
-            c = rows.shape[-1] // (tp * p * p)
-            # Inverse of Qwen2VLImageProcessor's patch flattening:
-            # (t, h/m, w/m, m, m, c, tp, p, p) -> (t, tp, c, h/m, m, p, w/m, m, p)
-            x = rows.reshape(t, h // m, w // m, m, m, c, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
-            frame = x.reshape(t * tp, c, h * p, w * p)[0]
-            images.append(unnormalize(frame, *self.g2tr_norm))
-        return images
+        frames = qwen_patches_to_images(pixels, grid_thw, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
+        return [unnormalize(f, *self.g2tr_norm) for f in frames]
 
     def embed_multimodal(self, **kwargs: object):
         if self.g2tr is None:

@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# tests/ on sys.path makes this folder a namespace package called vllm: only a real
+# (regular) vllm package counts.
+_spec = importlib.util.find_spec("vllm")
+HAVE_VLLM = _spec is not None and _spec.origin is not None
 collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
 
 if HAVE_VLLM:

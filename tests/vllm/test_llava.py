@@ -7,7 +7,8 @@ import tiny_models as tm
 
 import g2tr_kernels
 
-KEEP, MIN_KEEP, STEPS = 0.5, 8, 8
+KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, 2
+LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers
 PROMPTS_TEXT = ["USER: <image> w3 w17 w42 ASSISTANT:", "USER: w5 <image> w9 ASSISTANT: w1 w2"]
 IMAGES = [(64, 64, 0), (90, 70, 1)]  # resized / cropped to the tower's 64 x 64 by the processor
 
@@ -19,7 +20,7 @@ def _prompts():
 
 @pytest.fixture(scope="module")
 def runs(models):
-    g2tr = {"keep_ratio": KEEP, "min_keep": MIN_KEEP, "pool": "auto", "vae": models["vae"]}
+    g2tr = {"keep_ratio": KEEP, "min_keep": MIN_KEEP, "pool": POOL, "vae": models["vae"]}
     return {
         "g2tr": tm.run_engine(models["llava"], _prompts(), g2tr=g2tr, max_tokens=STEPS),
         "keep1": tm.run_engine(models["llava"], _prompts(), g2tr={**g2tr, "keep_ratio": 1.0}, max_tokens=STEPS),
@@ -33,22 +34,23 @@ def references(models):
     for ratio in (KEEP, 1.0):
         out[ratio] = [
             tm.llava_reference(models["llava"], models["vae"], p["prompt"], p["multi_modal_data"]["image"], ratio,
-                               MIN_KEEP, STEPS)
+                               MIN_KEEP, STEPS, pool=POOL)
             for p in _prompts()
         ]
     return out
 
 
 def test_greedy_tokens_equal_transformers_on_the_reduced_prompt(runs, references):
-    for b, ((_, tokens), ref) in enumerate(zip(runs["g2tr"], references[KEEP])):
+    for b, ((_, tokens, logprobs), ref) in enumerate(zip(runs["g2tr"], references[KEEP])):
         assert tokens == ref["tokens"], f"prompt {b}"
+        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL), f"prompt {b}"
 
 
 def test_prompt_holds_k_placeholders(runs, references, models):
     from transformers import AutoConfig
 
     image_id = AutoConfig.from_pretrained(models["llava"]).image_token_index
-    for (prompt_ids, _), ref in zip(runs["g2tr"], references[KEEP]):
+    for (prompt_ids, _, _), ref in zip(runs["g2tr"], references[KEEP]):
         k = g2tr_kernels.budgets([ref["n"]], KEEP, MIN_KEEP)[0]
         assert k < ref["n"]
         assert len(prompt_ids) == k + ref["text_len"] == ref["prompt_len"]
@@ -56,16 +58,18 @@ def test_prompt_holds_k_placeholders(runs, references, models):
 
 
 def test_keep_one_equals_stock_vllm(runs):
+    # Prompt ids, tokens and log-probabilities, bit for bit.
     assert runs["keep1"] == runs["stock"]
 
 
 def test_stock_is_the_unreduced_model(runs, references):
     # No "g2tr" key: N placeholders per image and the tokens of the unreduced model.
-    for (prompt_ids, tokens), ref in zip(runs["stock"], references[1.0]):
+    for (prompt_ids, tokens, logprobs), ref in zip(runs["stock"], references[1.0]):
         assert len(prompt_ids) == ref["n"] + ref["text_len"]
         assert tokens == ref["tokens"]
+        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL)
 
 
 def test_the_reduction_changes_the_answer_somewhere(runs):
     # Guards the comparison above against a plugin that is never switched on.
-    assert any(a != b for (_, a), (_, b) in zip(runs["g2tr"], runs["stock"]))
+    assert any(a != b for (_, a, _), (_, b, _) in zip(runs["g2tr"], runs["stock"]))

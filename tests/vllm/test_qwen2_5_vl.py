@@ -9,6 +9,7 @@ import tiny_models as tm
 import g2tr_kernels
 
 KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, 2
+LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPTS_TEXT = [f"USER: {IMAGE} w3 w17 w42 ASSISTANT:", f"USER: w5 w6 {IMAGE} w9 ASSISTANT: w1"]
 # Non-square grids both ways (h > w and w > h): text after the image starts max(h, w) past it.
@@ -43,13 +44,15 @@ def references(models):
 
 
 def test_greedy_tokens_equal_transformers_on_the_reduced_prompt(runs, references):
-    for b, ((_, tokens), ref) in enumerate(zip(runs["g2tr"], references[KEEP])):
+    for b, ((_, tokens, logprobs), ref) in enumerate(zip(runs["g2tr"], references[KEEP])):
         assert tokens == ref["tokens"], f"prompt {b} (grid {ref['grid']})"
+        # Every step's log-probability: sensitive to each prompt position's M-RoPE ids.
+        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL), f"prompt {b} (grid {ref['grid']})"
 
 
 def test_prompt_holds_k_placeholders(runs, references):
     grids = set()
-    for (prompt_ids, _), ref in zip(runs["g2tr"], references[KEEP]):
+    for (prompt_ids, _, _), ref in zip(runs["g2tr"], references[KEEP]):
         grids.add(ref["grid"][0] > ref["grid"][1])
         k = g2tr_kernels.budgets([ref["n"]], KEEP, MIN_KEEP)[0]
         assert k < ref["n"]
@@ -58,10 +61,12 @@ def test_prompt_holds_k_placeholders(runs, references):
 
 
 def test_keep_one_equals_stock_vllm(runs):
+    # Prompt ids, tokens and log-probabilities, bit for bit.
     assert runs["keep1"] == runs["stock"]
 
 
 def test_stock_is_the_unreduced_model(runs, references):
-    for (prompt_ids, tokens), ref in zip(runs["stock"], references[1.0]):
+    for (prompt_ids, tokens, logprobs), ref in zip(runs["stock"], references[1.0]):
         assert len(prompt_ids) == ref["n"] + ref["text_len"]
         assert tokens == ref["tokens"]
+        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL)

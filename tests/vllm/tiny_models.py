@@ -166,10 +166,12 @@ def make_image(width: int, height: int, seed: int = 0):
 
 # -- the reference: plain transformers + g2tr_kernels on the reduced prompt ------------------
 
-def _greedy(model, embeds: torch.Tensor, steps: int, position_ids_fn=None) -> List[int]:
+def _greedy(model, embeds: torch.Tensor, steps: int, position_ids_fn=None):
     """Greedy decoding from prompt embeddings [1, L, D] with a KV cache; position_ids_fn(step,
-    length) -> the position ids of the step's tokens (None: the model's default)."""
+    length) -> the position ids of the step's tokens (None: the model's default). Returns the
+    tokens and the log-probability of each."""
     out: List[int] = []
+    logprobs: List[float] = []
     past = None
     x = embeds
     length = embeds.shape[1]
@@ -179,11 +181,13 @@ def _greedy(model, embeds: torch.Tensor, steps: int, position_ids_fn=None) -> Li
             kwargs["position_ids"] = position_ids_fn(step, length)
         res = model(inputs_embeds=x, past_key_values=past, use_cache=True, **kwargs)
         past = res.past_key_values
-        nxt = int(res.logits[0, -1].argmax())
+        logits = res.logits[0, -1].float()
+        nxt = int(logits.argmax())
         out.append(nxt)
+        logprobs.append(float(torch.log_softmax(logits, dim=-1)[nxt]))
         x = model.get_input_embeddings()(torch.tensor([[nxt]]))
         length += 1
-    return out
+    return out, logprobs
 
 
 def llava_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio: float, min_keep: int,
@@ -227,8 +231,8 @@ def llava_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio
         reduced = torch.cat([ids[:start], torch.full((k,), image_id), ids[start + n:]])
         embeds = model.get_input_embeddings()(reduced[None]).clone()
         embeds[0, start:start + k] = out.merged
-        tokens = _greedy(model, embeds, steps)
-    return {"tokens": tokens, "prompt_len": int(reduced.numel()), "n": n, "k": k, "text_len": int(ids.numel()) - n}
+        tokens, logprobs = _greedy(model, embeds, steps)
+    return {"tokens": tokens, "logprobs": logprobs, "prompt_len": int(reduced.numel()), "n": n, "k": k, "text_len": int(ids.numel()) - n}
 
 
 def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio: float, min_keep: int,
@@ -240,7 +244,7 @@ def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio:
 
     import g2tr_kernels
     from g2tr_kernels.anchors import anchors_from_vae
-    from g2tr_kernels.integrations.vllm import unnormalize
+    from g2tr_kernels.integrations.vllm import qwen_patches_to_images, unnormalize
 
     processor = AutoProcessor.from_pretrained(folder)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32).eval()
@@ -260,15 +264,15 @@ def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio:
         n = feats.shape[0]
         assert n == h * w
         # The unreduced M-RoPE positions, from transformers itself.
-        position_ids, _ = model.model.get_rope_index(ids[None], image_grid_thw=grid_thw,
+        types = inputs.get("mm_token_type_ids")
+        if types is None:
+            types = (inputs["input_ids"] == cfg.image_token_id).int()
+        position_ids, _ = model.model.get_rope_index(ids[None], types, image_grid_thw=grid_thw,
                                                      attention_mask=torch.ones_like(ids[None]))
         position_ids = position_ids[:, 0]  # [3, L]
         # The image as the tower saw it.
-        p, tp = vc.patch_size, vc.temporal_patch_size
-        rows = inputs["pixel_values"].float()
-        c = rows.shape[-1] // (tp * p * p)
-        x = rows.reshape(t, gh // m, gw // m, m, m, c, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
-        frame = x.reshape(t * tp, c, gh * p, gw * p)[0]
+        frame = qwen_patches_to_images(inputs["pixel_values"].float(), grid_thw, vc.patch_size,
+                                       vc.temporal_patch_size, m)[0]
         ip = processor.image_processor
         img = unnormalize(frame, ip.image_mean, ip.image_std)
         kwargs = {"vit_grids": [(h, w)]} if pool == "auto" else {}
@@ -291,14 +295,14 @@ def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio:
                 return kept_pos[:, None, :]
             return torch.full((3, 1, 1), next_pos + step - 1)
 
-        tokens = _greedy(model, embeds, steps, positions)
-    return {"tokens": tokens, "prompt_len": int(reduced.numel()), "n": n, "k": k, "text_len": int(ids.numel()) - n,
+        tokens, logprobs = _greedy(model, embeds, steps, positions)
+    return {"tokens": tokens, "logprobs": logprobs, "prompt_len": int(reduced.numel()), "n": n, "k": k, "text_len": int(ids.numel()) - n,
             "grid": (h, w)}
 
 
 def run_engine(model: str, prompts, g2tr=None, max_tokens: int = 8, **kwargs):
     """Start one vLLM engine, greedy-decode every prompt, shut it down; returns
-    [(prompt_token_ids, output_token_ids)] in prompt order."""
+    [(prompt_token_ids, output_token_ids, their logprobs)] in prompt order."""
     import gc
 
     from vllm import LLM, SamplingParams
@@ -309,9 +313,13 @@ def run_engine(model: str, prompts, g2tr=None, max_tokens: int = 8, **kwargs):
         limit_mm_per_prompt={"image": 2}, hf_overrides=overrides, disable_log_stats=True, **kwargs,
     )
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
         outs = llm.generate(prompts, params, use_tqdm=False)
-        return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
+        return [
+            (list(o.prompt_token_ids), list(o.outputs[0].token_ids),
+             [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in outs
+        ]
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
