@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference.anchor_scores import EPS
+from .reference.anchor_scores import NORM_EPS
 from .reference.budget import cell_ids
 
 
@@ -28,7 +28,7 @@ def _scores_grads(grad_scores, tokens, anchors, anchor_rows):
     with torch.enable_grad():
         v = tokens.detach().float().requires_grad_(True)
         a = anchors.detach().float().requires_grad_(True)
-        s = (F.normalize(v, dim=-1, eps=EPS) * F.normalize(a, dim=-1, eps=EPS)[anchor_rows]).sum(-1)
+        s = (F.normalize(v, dim=-1, eps=NORM_EPS) * F.normalize(a, dim=-1, eps=NORM_EPS)[anchor_rows]).sum(-1)
         grad_v, grad_a = torch.autograd.grad(s, (v, a), grad_scores.float())
     return grad_v, grad_a
 
@@ -43,14 +43,14 @@ def _merged_grad(grad_merged, tokens, keep_idx, assign, merge_weight):
     return grad_merged.float()[assign] * (weight / denom[assign])[:, None]
 
 
-def _setup_reduce(ctx, inputs, output):
+def setup_reduce(ctx, inputs, output):
     tokens, anchors, grids, anchor_grids, _, _, merge_weight = inputs
     _, keep_idx, _, _, assign = output
     ctx.save_for_backward(tokens, anchors, keep_idx, assign)
     ctx.grids, ctx.anchor_grids, ctx.merge_weight = list(grids), list(anchor_grids), merge_weight
 
 
-def _backward_reduce(ctx, grad_merged, _keep, _cu, grad_scores, _assign):
+def backward_reduce(ctx, grad_merged, _keep, _cu, grad_scores, _assign):
     tokens, anchors, keep_idx, assign = ctx.saved_tensors
     grad_tokens = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     grad_anchors = None
@@ -64,26 +64,26 @@ def _backward_reduce(ctx, grad_merged, _keep, _cu, grad_scores, _assign):
     return grad_tokens.to(tokens.dtype), grad_anchors, None, None, None, None, None
 
 
-def _setup_merge(ctx, inputs, output):
+def setup_merge(ctx, inputs, output):
     tokens, keep_idx, _, _, merge_weight = inputs
     _, assign = output
     ctx.save_for_backward(tokens, keep_idx, assign)
     ctx.merge_weight = merge_weight
 
 
-def _backward_merge(ctx, grad_merged, _assign):
+def backward_merge(ctx, grad_merged, _assign):
     tokens, keep_idx, assign = ctx.saved_tensors
     grad = _merged_grad(grad_merged, tokens, keep_idx, assign, ctx.merge_weight) if grad_merged is not None else None
     return (grad.to(tokens.dtype) if grad is not None else None), None, None, None, None
 
 
-def _setup_anchor_scores(ctx, inputs, output):
+def setup_anchor_scores(ctx, inputs, output):
     tokens, anchors, grids, anchor_grids = inputs
     ctx.save_for_backward(tokens, anchors)
     ctx.grids, ctx.anchor_grids = list(grids), list(anchor_grids)
 
 
-def _backward_anchor_scores(ctx, grad_scores, _cells):
+def backward_anchor_scores(ctx, grad_scores, _cells):
     tokens, anchors = ctx.saved_tensors
     if grad_scores is None:
         return None, None, None, None
@@ -93,10 +93,12 @@ def _backward_anchor_scores(ctx, grad_scores, _cells):
 
 
 def register(prefix: str = "") -> None:
-    """Registers the gradients of g2tr::{prefix}reduce, merge and anchor_scores (the
-    native ops with prefix "", the Triton ops, which share their schemas, with "triton_")."""
-    torch.library.register_autograd(f"g2tr::{prefix}reduce", _backward_reduce, setup_context=_setup_reduce)
-    torch.library.register_autograd(f"g2tr::{prefix}merge", _backward_merge, setup_context=_setup_merge)
-    torch.library.register_autograd(
-        f"g2tr::{prefix}anchor_scores", _backward_anchor_scores, setup_context=_setup_anchor_scores
-    )
+    """Registers the gradients the records list (_registry.py) for g2tr::{prefix}<op>: the
+    native ops with prefix "", the Triton ops, which share their schemas, with "triton_"."""
+    from ._registry import OPS  # the registry imports this module
+
+    for record in OPS:
+        if record.backward is not None:
+            torch.library.register_autograd(
+                f"g2tr::{prefix}{record.name}", record.backward, setup_context=record.setup_context
+            )

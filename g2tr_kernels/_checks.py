@@ -1,8 +1,13 @@
-"""Argument checks of the Python API and of the fake kernels.
+"""Argument checks of the reference path, the Triton ops and the fake kernels, and the
+normalisers of the Python API.
 
-They say what csrc/include/g2tr/checks.h says for direct torch.ops.g2tr callers: the
-same rules, the argument and the image named. Only host-side values are read here
-(shapes, dtypes, the int lists), so nothing syncs with a device.
+The checkers (one per op: anchor_scores_args, balanced_topk_args, merge_args, reduce_args) say what
+csrc/include/g2tr/checks.h says for the native ops: the same rules, the same exception
+types (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError) and messages, the
+argument and the image named. Each call is checked once, by the path that runs it
+(_registry.py). The normalisers (as_int, as_float, int_list, grid_pairs' flat form,
+cell_quotas) only turn the API's argument forms into the op schemas'. Only host-side values
+are read here (shapes, dtypes, the int lists), so nothing syncs with a device.
 """
 from __future__ import annotations
 
@@ -24,24 +29,45 @@ def as_int(op: str, what: str, value) -> int:
         raise TypeError(f"{op}: {what} must be an int, got {value!r}") from None
 
 
-def grid_pairs(op: str, name: str, grids) -> Pairs:
-    """Accepts [h0, w0, h1, w1, ...] or [(h0, w0), (h1, w1), ...]; returns pairs."""
+def as_float(op: str, what: str, value) -> float:
+    """A real-number argument as the double the ops receive."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{op}: {what} must be a float, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {what} must be a float, got {value!r}") from None
+
+
+def int_list(op: str, name: str, values) -> List[int]:
+    """A host-side int list argument, entry b named "name[b] (image b)"."""
+    if isinstance(values, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be host-side ints (a list), not a tensor: reading a tensor would sync")
+    return [as_int(op, f"{name}[{b}] (image {b})", v) for b, v in enumerate(values)]
+
+
+def flat_grid(op: str, name: str, grids) -> List[int]:
+    """[h0, w0, h1, w1, ...] or [(h0, w0), (h1, w1), ...] as the flat int list of the op
+    schemas. Only the form is judged here; the sizes are the checkers' (grid_pairs)."""
     if isinstance(grids, torch.Tensor):
         raise TypeError(f"{op}: {name} must be host-side ints (a list), not a tensor: reading a tensor would sync")
     grids = list(grids)
     if grids and all(isinstance(g, (tuple, list)) for g in grids):
-        pairs = []
+        out = []
         for b, g in enumerate(grids):
             if len(g) != 2:
                 raise ValueError(f"{op}: {name} of image {b} must be an (h, w) pair, got {tuple(g)}")
-            pairs.append((as_int(op, f"{name} of image {b}", g[0]), as_int(op, f"{name} of image {b}", g[1])))
-    else:
-        if len(grids) % 2:
-            raise ValueError(f"{op}: {name} must hold one (h, w) pair per image, got {len(grids)} ints")
-        pairs = [
-            (as_int(op, f"{name} of image {i // 2}", grids[i]), as_int(op, f"{name} of image {i // 2}", grids[i + 1]))
-            for i in range(0, len(grids), 2)
-        ]
+            out += [as_int(op, f"{name} of image {b}", g[0]), as_int(op, f"{name} of image {b}", g[1])]
+        return out
+    return [as_int(op, f"{name} of image {i // 2}", v) for i, v in enumerate(grids)]
+
+
+def grid_pairs(op: str, name: str, grids) -> Pairs:
+    """Accepts [h0, w0, h1, w1, ...] or [(h0, w0), (h1, w1), ...]; returns checked pairs."""
+    grids = flat_grid(op, name, grids)
+    if len(grids) % 2:
+        raise ValueError(f"{op}: {name} must hold one (h, w) pair per image, got {len(grids)} ints")
+    pairs = list(zip(grids[0::2], grids[1::2]))
     for b, (h, w) in enumerate(pairs):
         if h <= 0 or w <= 0:
             raise ValueError(f"{op}: {name} of image {b} must be positive, got {h} x {w}")
@@ -107,9 +133,7 @@ def merge_weight(op: str, weight: float) -> None:
 
 
 def lengths(op: str, lengths: Sequence[int], total: int) -> List[int]:
-    if isinstance(lengths, torch.Tensor):
-        raise TypeError(f"{op}: lengths must be host-side ints (a list), not a tensor: reading a tensor would sync")
-    lengths = [as_int(op, f"lengths[{b}] (image {b})", n) for b, n in enumerate(lengths)]
+    lengths = int_list(op, "lengths", lengths)
     for b, n in enumerate(lengths):
         if n <= 0:
             raise ValueError(f"{op}: lengths[{b}] (image {b}) must be positive, got {n}")
@@ -119,7 +143,7 @@ def lengths(op: str, lengths: Sequence[int], total: int) -> List[int]:
 
 
 def per_image(op: str, name: str, values: Sequence[int], lengths_: Sequence[int], low: int = 1, high=None) -> List[int]:
-    values = [as_int(op, f"{name}[{b}] (image {b})", v) for b, v in enumerate(values)]
+    values = int_list(op, name, values)
     if len(values) != len(lengths_):
         raise ValueError(f"{op}: {name} has {len(values)} entries but there are {len(lengths_)} images")
     for b, v in enumerate(values):
@@ -147,8 +171,19 @@ def finite(op: str, name: str, t: torch.Tensor, begins: Sequence[int]) -> None:
         raise ValueError(f"{op}: {name} of image {image} has a non-finite value (row {row})")
 
 
+def cell_quotas(op: str, quota, budgets: Sequence[int], cell_counts: Sequence[int]) -> List[int]:
+    """The API's quota as the op's cell_quotas, one int per image: an int for every image, a
+    list, or "window" (W-FastV: each window keeps at most ceil(K / #windows)). A cell count
+    that the checker will reject gets quota 1 here, so that the checker is the one to name it."""
+    if isinstance(quota, str) and quota == "window":
+        return [-(-k // c) if c > 0 else 1 for k, c in zip(budgets, cell_counts)]
+    if isinstance(quota, (list, tuple, torch.Tensor)):
+        return int_list(op, "cell_quotas", quota)
+    return [as_int(op, "quota", quota)] * len(budgets)
+
+
 def balanced_topk_args(op: str, scores, cells, lengths_, budgets, cell_counts, cell_quotas):
-    """Checks of balanced_topk (API and fake kernel); returns the int lists."""
+    """The checker of balanced_topk (checks.h check_balanced_topk); returns the int lists."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.dtype != torch.float32:
         desc = f"{scores.dtype} of shape {list(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise TypeError(f"{op}: scores must be a 1-D float32 tensor, got {desc}")
@@ -157,16 +192,12 @@ def balanced_topk_args(op: str, scores, cells, lengths_, budgets, cell_counts, c
     lengths_ = lengths(op, lengths_, scores.shape[0])
     budgets = per_image(op, "budgets", budgets, lengths_, high="length")
     cell_counts = per_image(op, "cell_counts", cell_counts, lengths_, high=1 << 26)
-    if cell_quotas == "window":  # W-FastV: each window keeps at most ceil(K / #windows)
-        cell_quotas = [math.ceil(k / c) for k, c in zip(budgets, cell_counts)]
-    elif isinstance(cell_quotas, int):
-        cell_quotas = [cell_quotas] * len(lengths_)
     cell_quotas = per_image(op, "cell_quotas", cell_quotas, lengths_)
     return lengths_, budgets, cell_counts, cell_quotas
 
 
 def merge_args(op: str, tokens, keep_idx, lengths_, budgets, weight):
-    """Checks of merge (API and fake kernel); returns the int lists."""
+    """The checker of merge (checks.h check_merge); returns the int lists."""
     float_tensor(op, "tokens", tokens, 2)
     lengths_ = lengths(op, lengths_, tokens.shape[0])
     budgets = per_image(op, "budgets", budgets, lengths_, high="length")
@@ -174,3 +205,16 @@ def merge_args(op: str, tokens, keep_idx, lengths_, budgets, weight):
     same_device(op, "tokens", tokens, "keep_idx", keep_idx)
     merge_weight(op, weight)
     return lengths_, budgets
+
+
+def anchor_scores_args(op: str, tokens, anchors, grids, anchor_grids) -> Tuple[Pairs, Pairs]:
+    """The checker of anchor_scores (checks.h check_images); returns the grid pairs."""
+    return images(op, tokens, anchors, grids, anchor_grids)
+
+
+def reduce_args(op: str, tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, weight) -> Tuple[Pairs, Pairs]:
+    """The checker of reduce (checks.h check_reduce); returns the grid pairs."""
+    pairs = images(op, tokens, anchors, grids, anchor_grids)
+    ratio(op, keep_ratio, min_keep)
+    merge_weight(op, weight)
+    return pairs

@@ -1,6 +1,8 @@
 """Fake (meta) kernels of torch.ops.g2tr for torch.compile and opcheck.
 
-Output sizes come from the host-side int lists only, as in the real kernels.
+Output sizes come from the host-side int lists only, as in the real kernels. Each fake
+kernel runs its op's Python checker (_checks.py), so on meta and fake tensors the same
+bad input is refused as by the real kernel. _registry.py lists them per op.
 """
 from __future__ import annotations
 
@@ -10,33 +12,27 @@ from . import _checks
 from .reference.budget import budget
 
 
-@torch.library.register_fake("g2tr::anchor_scores")
-def _anchor_scores_fake(tokens, anchors, grids, anchor_grids):
-    _checks.images("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
+def anchor_scores(tokens, anchors, grids, anchor_grids):
+    _checks.anchor_scores_args("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
     n = tokens.shape[0]
     return tokens.new_empty(n, dtype=torch.float32), tokens.new_empty(n, dtype=torch.int64)
 
 
-@torch.library.register_fake("g2tr::balanced_topk")
-def _balanced_topk_fake(scores, cells, lengths, budgets, cell_counts, cell_quotas):
+def balanced_topk(scores, cells, lengths, budgets, cell_counts, cell_quotas):
     _, budgets, _, _ = _checks.balanced_topk_args(
         "g2tr.balanced_topk", scores, cells, lengths, budgets, cell_counts, cell_quotas
     )
     return scores.new_empty(sum(budgets), dtype=torch.int64)
 
 
-@torch.library.register_fake("g2tr::merge")
-def _merge_fake(tokens, keep_idx, lengths, budgets, merge_weight=1.0):
+def merge(tokens, keep_idx, lengths, budgets, merge_weight=1.0):
     _, budgets = _checks.merge_args("g2tr.merge", tokens, keep_idx, lengths, budgets, merge_weight)
     return tokens.new_empty(sum(budgets), tokens.shape[1]), tokens.new_empty(tokens.shape[0], dtype=torch.int64)
 
 
-@torch.library.register_fake("g2tr::reduce")
-def _reduce_fake(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=32, merge_weight=1.0):
-    op = "g2tr.reduce"
-    pairs, _ = _checks.images(op, tokens, anchors, grids, anchor_grids)
-    _checks.ratio(op, keep_ratio, min_keep)
-    _checks.merge_weight(op, merge_weight)
+def reduce(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=32, merge_weight=1.0):
+    pairs, _ = _checks.reduce_args("g2tr.reduce", tokens, anchors, grids, anchor_grids, keep_ratio, min_keep,
+                                   merge_weight)
     k = sum(budget(h * w, keep_ratio, min_keep) for h, w in pairs)
     n = tokens.shape[0]
     return (
@@ -46,3 +42,12 @@ def _reduce_fake(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=
         tokens.new_empty(n, dtype=torch.float32),
         tokens.new_empty(n, dtype=torch.int64),
     )
+
+
+def register() -> None:
+    """Registers every record's fake kernel for its native op (the Triton ops get theirs
+    from torch.library.triton_op)."""
+    from ._registry import OPS  # the registry imports this module
+
+    for record in OPS:
+        torch.library.register_fake(record.qualname)(record.fake)

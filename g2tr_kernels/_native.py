@@ -5,6 +5,7 @@ and asking for a native backend raises with the load error (no silent fallback).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 try:
@@ -16,8 +17,9 @@ except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR = error
 
 if _C is not None:
-    from . import _autograd, _fake  # noqa: F401,E402
+    from . import _autograd, _fake  # noqa: E402
 
+    _fake.register()
     _autograd.register()
 
 
@@ -31,6 +33,13 @@ def require(backend: str) -> None:
             f"g2tr_kernels: backend {backend!r} needs the compiled extension g2tr_kernels._C, which did not load "
             f"({LOAD_ERROR}). Build it with `pip install --no-build-isolation -e .`, or pass backend='reference'."
         )
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_backends() -> frozenset:
+    """The backends this build compiled ("cpu", "cuda"), read once: routing asks on every call."""
+    require("build_info")
+    return frozenset(_C.build_info()["backends"])
 
 
 def build_info() -> dict:

@@ -1,4 +1,7 @@
-"""The Python API: validate, reshape, call the op. No algorithm lives here.
+"""The Python API: normalise the arguments, pick the backend, call the op. No algorithm
+and no argument checks live here: each op checks its arguments once, where it runs (the
+native ops in C++, the reference path and the Triton ops in _checks.py); the per-op
+records in _registry.py say how to call each backend.
 
 backend:
   "auto"      CPU tensors -> "cpu" (C++ kernels). CUDA tensors -> "cuda" when compiled, else "triton".
@@ -10,14 +13,13 @@ A backend that cannot run raises; none falls back to another in silence.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Sequence, Union
 
 import torch
 
-from . import _checks, _native, reference
+from . import _checks, _native
+from ._registry import BACKENDS, BY_NAME
 from .reference.budget import budget
-
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
 class ReduceOutput(NamedTuple):
@@ -35,21 +37,30 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu":
             backend = "cpu"
         elif device.type == "cuda":
-            _native.require("auto")  # a failed native load is an error, not a reason to pick Triton
-            backend = "cuda" if "cuda" in _native.build_info()["backends"] else "triton"
+            # A failed native load is an error (compiled_backends raises), not a reason to pick Triton.
+            backend = "cuda" if "cuda" in _native.compiled_backends() else "triton"
         else:
             raise ValueError(f"backend='auto' has no kernels for device {device}; pass backend='reference'")
     if backend in ("cpu", "cuda"):
         _native.require(backend)
         if device.type != backend:
             raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
-        if backend == "cuda" and "cuda" not in _native.build_info()["backends"]:
+        if backend == "cuda" and "cuda" not in _native.compiled_backends():
             raise RuntimeError("backend='cuda': this build of g2tr_kernels has no CUDA kernels (G2TR_BUILD_CUDA=1)")
     if backend == "triton":
         from . import triton as _triton  # imported lazily: triton is optional
 
         _triton.require()
     return backend
+
+
+def _call(name: str, backend: str, args: tuple):
+    """Runs op `name` on its schema arguments `args` with the backend the first tensor's device picks."""
+    record = BY_NAME[name]
+    first = args[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"{record.label}: {record.argument_names[0]} must be a tensor, got {type(first).__name__}")
+    return record.kernel(resolve_backend(backend, first.device))(*args)
 
 
 def budgets(lengths: Sequence[int], keep_ratio: float = 0.5, min_keep: int = 32) -> List[int]:
@@ -78,24 +89,12 @@ def reduce(
     then the best of the rest; merges every dropped token into its most similar kept
     token of the same image. check_finite=True raises on NaN/Inf (reads the data).
     """
-    op = "g2tr.reduce"
-    g, a = _checks.images(op, tokens, anchors, grids, anchor_grids)
-    _checks.ratio(op, keep_ratio, min_keep)
-    _checks.merge_weight(op, merge_weight)
+    args = BY_NAME["reduce"].normalise(tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, merge_weight)
     if check_finite:
-        _check_finite_images(op, tokens, anchors, g, a)
-    # Plain Python numbers from here on: every backend computes K from the same double.
-    keep_ratio, min_keep, merge_weight = float(keep_ratio), _checks.as_int(op, "min_keep", min_keep), float(merge_weight)
-    backend = resolve_backend(backend, tokens.device)
-    if backend == "reference":
-        return ReduceOutput(*reference.reduce(tokens, anchors, g, a, keep_ratio, min_keep, merge_weight))
-    if backend == "triton":
-        from . import triton as _triton
-
-        return ReduceOutput(*_triton.reduce(tokens, anchors, g, a, keep_ratio, min_keep, merge_weight))
-    return ReduceOutput(
-        *torch.ops.g2tr.reduce(tokens, anchors, _checks.flat(g), _checks.flat(a), keep_ratio, min_keep, merge_weight)
-    )
+        # Reads the data (a sync), so it is opt-in; the grids are checked first so that it reads valid rows.
+        g, a = _checks.reduce_args("g2tr.reduce", *args)
+        _check_finite_images("g2tr.reduce", tokens, anchors, g, a)
+    return ReduceOutput(*_call("reduce", backend, args))
 
 
 def reduce_padded(
@@ -139,15 +138,7 @@ def reduce_padded(
 
 def anchor_scores(tokens, anchors, grids, anchor_grids, backend: str = "auto"):
     """Stage III score: (scores fp32 [N], cells int64 [N], local cell id of each token)."""
-    g, a = _checks.images("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
-    backend = resolve_backend(backend, tokens.device)
-    if backend == "reference":
-        return reference.anchor_scores(tokens, anchors, g, a)
-    if backend == "triton":
-        from . import triton as _triton
-
-        return _triton.anchor_scores(tokens, anchors, g, a)
-    return torch.ops.g2tr.anchor_scores(tokens, anchors, _checks.flat(g), _checks.flat(a))
+    return _call("anchor_scores", backend, BY_NAME["anchor_scores"].normalise(tokens, anchors, grids, anchor_grids))
 
 
 def balanced_topk(
@@ -168,17 +159,8 @@ def balanced_topk(
     ceil(budgets[b] / cell_counts[b]). Cell ids outside the range only take part in the
     fill. Returns global kept indices (int64), ascending.
     """
-    lengths, budgets, cell_counts, quotas = _checks.balanced_topk_args(
-        "g2tr.balanced_topk", scores, cells, lengths, budgets, cell_counts, quota
-    )
-    backend = resolve_backend(backend, scores.device)
-    if backend == "reference":
-        return reference.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
-    if backend == "triton":
-        from . import triton as _triton
-
-        return _triton.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
-    return torch.ops.g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
+    args = BY_NAME["balanced_topk"].normalise(scores, cells, lengths, budgets, cell_counts, quota)
+    return _call("balanced_topk", backend, args)
 
 
 def merge(
@@ -195,15 +177,7 @@ def merge(
     for image b. Each dropped token joins the kept token of its image with the highest
     cosine (ties: lower index); merged = (merge_weight * v_k + sum v_j) / (merge_weight + n_k).
     """
-    lengths, budgets = _checks.merge_args("g2tr.merge", tokens, keep_idx, lengths, budgets, merge_weight)
-    backend = resolve_backend(backend, tokens.device)
-    if backend == "reference":
-        return reference.merge(tokens, keep_idx, lengths, budgets, merge_weight)
-    if backend == "triton":
-        from . import triton as _triton
-
-        return _triton.merge(tokens, keep_idx, lengths, budgets, merge_weight)
-    return torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, merge_weight)
+    return _call("merge", backend, BY_NAME["merge"].normalise(tokens, keep_idx, lengths, budgets, merge_weight))
 
 
 def _one_pair(op: str, name: str, grid):

@@ -4,7 +4,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # Property tests stay small and unhurried: a 2-core CI box, and shapes that vary per example.
@@ -12,14 +11,6 @@ settings.register_profile("g2tr", max_examples=30, deadline=None, print_blob=Tru
 settings.register_profile("g2tr-thorough", max_examples=300, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("G2TR_HYPOTHESIS_PROFILE", "g2tr"))
 
-from helpers import DEVICES  # noqa: E402  ("cuda" only where a GPU exists: no wall of skips elsewhere)
-
-
-def devices():
-    """The devices the kernel tests run on: "cpu", plus "cuda" when a GPU is present."""
-    return list(DEVICES)
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
+# The backends every op test runs on are the (backend, device) parametrisations of
+# helpers.py: backend_device (the oracle and every kernel, Triton under the interpreter on
+# the CPU) and kernel_device (the kernels on the SHAPES.md geometries).

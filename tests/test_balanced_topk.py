@@ -10,9 +10,8 @@ import torch
 
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
-from helpers import BACKEND_DEVICE_IDS, BACKEND_DEVICES, assert_bitwise_equal, kernel_backend, offsets, spec_selection
+from helpers import assert_bitwise_equal, backend_device, kernel_device, offsets, spec_selection
 
-backend_device = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 NAN, INF = float("nan"), float("inf")
 
 
@@ -160,13 +159,14 @@ def _random_case(seed, device):
     return scores.to(device), cells.to(device), lengths, budgets, cell_counts, quotas
 
 
+@kernel_device
 @pytest.mark.parametrize("seed", range(25))
-def test_kernel_matches_reference_exactly(seed, device):
+def test_kernel_matches_reference_exactly(seed, kernel, device):
     scores, cells, lengths, budgets, cell_counts, quotas = _random_case(seed, device)
     want = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend="reference")
-    got = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend=kernel_backend(device))
+    got = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend=kernel)
     assert_bitwise_equal("keep_idx", got.cpu(), want.cpu())
-    got = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend=kernel_backend(device))
+    got = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend=kernel)
     want = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend="reference")
     assert_bitwise_equal("keep_idx (window quota)", got.cpu(), want.cpu())
 

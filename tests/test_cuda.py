@@ -16,6 +16,7 @@ import torch
 
 import g2tr_kernels as g2tr
 from g2tr_kernels import _native
+from g2tr_kernels._registry import NAMES
 from helpers import (
     DTYPE_IDS,
     DTYPES,
@@ -32,7 +33,7 @@ from helpers import (
     spec_budget,
 )
 
-OPS = ("anchor_scores", "balanced_topk", "merge", "reduce")
+OPS = NAMES
 SELECT_MAX_TOKENS = 8192  # kSelectMaxTokens in csrc/cuda/kernels/balanced_topk.cuh
 
 

@@ -9,9 +9,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import g2tr_kernels as g2tr
+from g2tr_kernels._registry import BY_NAME, NAMES
 from helpers import assert_outputs_bitwise_equal, make_workload
 
-OPS = ["anchor_scores", "balanced_topk", "merge", "reduce"]
+OPS = list(NAMES)
 BACKENDS = g2tr.build_info()["backends"]
 
 
@@ -120,6 +121,30 @@ def test_dispatch_table_has_one_owner_per_key(op):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
     for key in ("CompositeImplicitAutograd", "CompositeExplicitAutograd"):
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name}: {key} kernel"
+
+
+def test_registry_lists_every_op_with_its_schema():
+    # The records (_registry.py) are what routing, fake and autograd registration and these
+    # tests are built from: they must name every op of the library, with csrc/ops.cpp's schema,
+    # and the Triton ops must share that schema under their own name.
+    assert sorted(NAMES) == sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                                   if name.startswith("g2tr::") and not name.startswith("g2tr::triton_"))
+    triton_loaded = True
+    try:
+        import g2tr_kernels.triton  # noqa: F401  (registers the Triton ops where triton imports)
+    except ImportError:
+        triton_loaded = False
+    for name in OPS:
+        record = BY_NAME[name]
+        expected = torch._C.parse_schema(record.qualname + record.schema[len(name):])
+        native = getattr(torch.ops.g2tr, name).default._schema
+        assert str(native) == str(expected), f"{name}: csrc/ops.cpp {native} != _registry.py {expected}"
+        if triton_loaded:
+            # Inferred from the annotations: SymInt for int and unnamed returns, else the same.
+            triton = getattr(torch.ops.g2tr, f"triton_{name}").default._schema
+            assert [(a.name, a.default_value) for a in triton.arguments] == \
+                [(a.name, a.default_value) for a in expected.arguments], f"{name}: {triton}"
+            assert len(triton.returns) == len(expected.returns), f"{name}: {triton}"
 
 
 def test_import_overrides_no_kernel():

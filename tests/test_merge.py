@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import g2tr_kernels as g2tr
+from g2tr_kernels import reference
+from g2tr_kernels.reference.budget import budget
 from helpers import (
     MERGED_TOL,
     assert_bitwise_equal,
@@ -11,7 +13,9 @@ from helpers import (
     assert_merge_matches,
     backend_device,
     dtypes,
-    kernel_backend,
+    kernel_device,
+    lengths_of,
+    make_ternary_workload,
     merge_from_assign,
     offsets,
 )
@@ -117,23 +121,25 @@ def _random_keep(lengths, seed):
     return torch.cat(keep), budgets
 
 
+@kernel_device
 @dtypes
 @pytest.mark.parametrize("merge_weight", [1.0, 0.5, 3.0])
 @pytest.mark.parametrize("seed", range(4))
-def test_arbitrary_keep_sets_match_reference(dtype, merge_weight, seed, device):
+def test_arbitrary_keep_sets_match_reference(dtype, merge_weight, seed, kernel, device):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 300, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
     d = int(torch.randint(1, 130, (1,), generator=gen))
     tokens = torch.randn(sum(lengths), d, generator=gen).to(dtype).to(device)
     keep, budgets = _random_keep(lengths, seed)
     keep = keep.to(device)
-    merged, assign = g2tr.merge(tokens, keep, lengths, budgets, merge_weight, backend=kernel_backend(device))
+    merged, assign = g2tr.merge(tokens, keep, lengths, budgets, merge_weight, backend=kernel)
     assert_merge_matches(f"seed {seed} d {d}", tokens.cpu(), keep.cpu(), merged, assign, lengths, budgets, merge_weight)
 
 
+@kernel_device
 @dtypes
 @pytest.mark.parametrize("merge_weight", [1.0, 3.0])
-def test_exact_ties_are_bitwise_equal(dtype, merge_weight, device):
+def test_exact_ties_are_bitwise_equal(dtype, merge_weight, kernel, device):
     # +-1 rows with 4 nonzeros: all similarities are exact multiples of 1/4, ties abound,
     # and the kernel must resolve every one exactly as the reference does.
     gen = torch.Generator().manual_seed(2)
@@ -145,7 +151,7 @@ def test_exact_ties_are_bitwise_equal(dtype, merge_weight, device):
     tokens = rows.to(dtype).to(device)
     keep, budgets = _random_keep(lengths, 5)
     keep = keep.to(device)
-    got = g2tr.merge(tokens, keep, lengths, budgets, merge_weight, backend=kernel_backend(device))
+    got = g2tr.merge(tokens, keep, lengths, budgets, merge_weight, backend=kernel)
     want = g2tr.merge(tokens, keep, lengths, budgets, merge_weight, backend="reference")
     assert_bitwise_equal("assign", got[1].cpu(), want[1].cpu())
     assert_bitwise_equal("merged", got[0].cpu(), want[0].cpu())
@@ -202,3 +208,27 @@ def test_deterministic_bf16():
     second = g2tr.merge(tokens.clone(), keep.clone(), [1500, 500], budgets, backend="cpu")
     assert_bitwise_equal("assign", second[1], first[1])
     assert_bitwise_equal("merged", second[0], first[0])
+
+
+@backend_device
+def test_ternary_ties_and_nan_bitwise(backend, device):
+    """Exact arithmetic (ternary rows): every tie is real, and the rule must match bit for bit.
+    A NaN row never wins as a target and, dropped, joins the first kept token."""
+    grids = [(9, 10), (6, 6)]
+    tokens, _ = make_ternary_workload(grids, [(3, 3), (2, 2)], 16, seed=7)
+    tokens[3] = float("nan")
+    lengths = lengths_of(grids)
+    budgets = [budget(n, 0.3, 4) for n in lengths]
+    gen = torch.Generator().manual_seed(8)
+    others = torch.randperm(lengths[0], generator=gen)
+    first = torch.cat([torch.tensor([3]), others[others != 3][: budgets[0] - 1]])  # the NaN token kept
+    second = torch.randperm(lengths[1], generator=gen)[: budgets[1]] + lengths[0]
+    keep = torch.cat([first.sort().values, second.sort().values])
+    tokens = torch.cat([tokens, tokens[:10]])  # and a NaN token dropped, in another image
+    lengths = lengths_of(grids + [(2, 5)])
+    budgets = [budget(n, 0.3, 4) for n in lengths]
+    keep = torch.cat([keep, torch.tensor([lengths[0] + lengths[1] + i for i in (0, 4, 5, 9)])])
+    merged, assign = g2tr.merge(tokens.to(device), keep.to(device), lengths, budgets, 2.0, backend=backend)
+    ref_merged, ref_assign = reference.merge(tokens, keep, lengths, budgets, 2.0)
+    assert_bitwise_equal("assign", assign.cpu(), ref_assign)
+    assert_bitwise_equal("merged", merged.cpu(), ref_merged)

@@ -8,14 +8,13 @@ from hypothesis import strategies as st
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
 from helpers import (
-    DEVICES,
     DTYPES,
     assert_bitwise_equal,
     assert_close_report,
     assert_merge_matches,
     assert_reduce_matches,
     check_structure,
-    kernel_backend,
+    kernel_device,
     lengths_of,
     make_ternary_workload,
     make_workload,
@@ -27,7 +26,6 @@ from helpers import (
     spec_selection,
 )
 
-devices = pytest.mark.parametrize("device", DEVICES)
 
 
 @st.composite
@@ -84,10 +82,10 @@ def test_reduce_contract(backend, case):
                         **MERGED_TOL[case["dtype"]])
 
 
-@devices
+@kernel_device
 @given(case=reduce_cases())
-def test_kernel_matches_reference(device, case):
-    tokens, anchors, out = run(case, kernel_backend(device), device)
+def test_kernel_matches_reference(kernel, device, case):
+    tokens, anchors, out = run(case, kernel, device)
     assert_reduce_matches(out, tokens, anchors, case["grids"], case["anchor_grids"], case["keep_ratio"],
                           case["min_keep"], case["merge_weight"])
     if case["ternary"]:
@@ -139,12 +137,12 @@ def topk_cases(draw):
         cell_counts, quota
 
 
-@devices
+@kernel_device
 @given(case=topk_cases())
-def test_balanced_topk_kernel_equals_reference(device, case):
+def test_balanced_topk_kernel_equals_reference(kernel, device, case):
     scores, cells, lengths, budgets, cell_counts, quota = case
     got = g2tr.balanced_topk(scores.to(device), cells.to(device), lengths, budgets, cell_counts, quota,
-                             backend=kernel_backend(device))
+                             backend=kernel)
     want = g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quota, backend="reference")
     assert_bitwise_equal("keep_idx", got.cpu(), want)
     t_off, k_off = offsets(lengths), offsets(budgets)
@@ -172,14 +170,14 @@ def merge_cases(draw):
                 seed=draw(st.integers(0, 2**16)))
 
 
-@devices
+@kernel_device
 @given(case=merge_cases())
-def test_merge_kernel_matches_reference(device, case):
+def test_merge_kernel_matches_reference(kernel, device, case):
     gen = torch.Generator().manual_seed(case["seed"])
     tokens = torch.randn(sum(case["lengths"]), case["d"], generator=gen).to(case["dtype"])
     keep = torch.tensor(case["keep"], dtype=torch.int64)
     merged, assign = g2tr.merge(tokens.to(device), keep.to(device), case["lengths"], case["budgets"],
-                                case["merge_weight"], backend=kernel_backend(device))
+                                case["merge_weight"], backend=kernel)
     assert_merge_matches("merge", tokens, keep, merged.cpu(), assign.cpu(), case["lengths"], case["budgets"],
                          case["merge_weight"])
     want = reference.merge(tokens, keep, case["lengths"], case["budgets"], case["merge_weight"])

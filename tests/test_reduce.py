@@ -18,7 +18,7 @@ from helpers import (
     backend_device,
     check_structure,
     dtypes,
-    kernel_backend,
+    kernel_device,
     lengths_of,
     make_ternary_workload,
     make_workload,
@@ -35,53 +35,57 @@ def t(rows, dtype=torch.float32, device="cpu"):
 # ------------------------------------------------------------------ kernels vs reference
 
 
+@kernel_device
 @dtypes
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-def test_workloads_match_reference(workload, dtype, device):
+def test_workloads_match_reference(workload, dtype, kernel, device):
     grids, anchor_grids, d = WORKLOADS[workload]
     tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=sum(map(ord, workload)), device=device)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=kernel_backend(device))
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=kernel)
     assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name=workload)
     # Output sizes follow SHAPES.md's K column rule: max(32, round_half_even(N / 2)) per image.
     expected_k = [spec_budget(n, 0.5, 32) for n in lengths_of(grids)]
     assert out.merged.shape == (sum(expected_k), d)
 
 
+@kernel_device
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.75])
 @pytest.mark.parametrize("anchor_pool", [1, 2, 4])
-def test_keep_ratio_and_anchor_pool_sweep(keep_ratio, anchor_pool, device):
+def test_keep_ratio_and_anchor_pool_sweep(keep_ratio, anchor_pool, kernel, device):
     # SHAPES.md sweep: BAGEL 37x37 image, patchified 32x32 latent grid pooled by 1, 2 or 4;
     # pool 1 has more cells than K, so selection is one token per cell there.
     grids = [(37, 37), (27, 27)]
     anchor_grids = [(math.ceil(32 / anchor_pool),) * 2, (math.ceil(24 / anchor_pool),) * 2]
     tokens, anchors = make_workload(grids, anchor_grids, 48, torch.bfloat16, seed=anchor_pool, device=device)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 32, backend=kernel_backend(device))
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 32, backend=kernel)
     assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, keep_ratio, 32)
 
 
+@kernel_device
 @pytest.mark.parametrize(
     "workload,dtype",
     [(w, d) for w in ("S1", "S2") for d in DTYPES] + [("M2", torch.bfloat16)],
     ids=[f"{w}-{DTYPE_IDS[d]}" for w in ("S1", "S2") for d in DTYPES] + ["M2-bf16"],
 )
-def test_exact_ties_are_bitwise_equal(workload, dtype, device):
+def test_exact_ties_are_bitwise_equal(workload, dtype, kernel, device):
     # Ternary rows make every score and similarity exact and tie-heavy: no rounding can
     # excuse a difference, so the tie rules themselves must agree bit for bit.
     grids, anchor_grids, _ = WORKLOADS[workload]
     tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, dtype, seed=3, device=device)
     for merge_weight in (1.0, 3.0):
         got = g2tr.reduce(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight,
-                          backend=kernel_backend(device))
+                          backend=kernel)
         want = g2tr.reduce(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight, backend="reference")
         assert_outputs_bitwise_equal(f"{workload} weight {merge_weight}", got, want)
 
 
+@kernel_device
 @pytest.mark.parametrize("merge_weight", [0.5, 3.0])
 @dtypes
-def test_merge_weight_matches_reference(merge_weight, dtype, device):
+def test_merge_weight_matches_reference(merge_weight, dtype, kernel, device):
     grids, anchor_grids = [(16, 16), (12, 20)], [(8, 8), (6, 10)]
     tokens, anchors = make_workload(grids, anchor_grids, 64, dtype, seed=7, device=device)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.25, 8, merge_weight, backend=kernel_backend(device))
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.25, 8, merge_weight, backend=kernel)
     assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, 0.25, 8, merge_weight)
 
 
@@ -199,15 +203,16 @@ def test_budget_sizes_follow_rounding(backend, device):
     assert out.cu_seqlens.tolist() == [0, 2, 6]
 
 
+@kernel_device
 @pytest.mark.parametrize("grid,anchor_grid", [((8, 8), (32, 32)), ((16, 16), (32, 32)), ((5, 3), (7, 11))])
-def test_anchors_finer_than_vit_grid(grid, anchor_grid, device):
+def test_anchors_finer_than_vit_grid(grid, anchor_grid, kernel, device):
     # More anchor cells than tokens: each token has a cell of its own (most cells stay
     # empty), K < #occupied cells, so the selection is exactly the top-K tokens by score.
     (h, w), (h_a, w_a) = grid, anchor_grid
     cells = spec_cells(h, w, h_a, w_a)
     assert len(set(cells)) == h * w
     tokens, anchors = make_workload([grid], [anchor_grid], 64, seed=4, device=device)
-    for backend in ("reference", kernel_backend(device)):
+    for backend in ("reference", kernel):
         out = g2tr.reduce(tokens, anchors, [grid], [anchor_grid], 0.5, 1, backend=backend)
         assert_reduce_matches(out, tokens, anchors, [grid], [anchor_grid], 0.5, 1)
         k = spec_budget(h * w, 0.5, 1)
@@ -215,25 +220,27 @@ def test_anchors_finer_than_vit_grid(grid, anchor_grid, device):
         assert out.keep_idx.tolist() == expected.tolist()
 
 
+@kernel_device
 @pytest.mark.parametrize("keep_ratio", [0.05, 0.1, 0.2])
-def test_budget_below_cells_keeps_one_token_per_cell(keep_ratio, device):
+def test_budget_below_cells_keeps_one_token_per_cell(keep_ratio, kernel, device):
     # 16x16 tokens over 8x8 anchors: 64 cells of 4 tokens. K = 13, 26 or 51 < 64.
     grids, anchor_grids = [(16, 16)], [(8, 8)]
     tokens, anchors = make_workload(grids, anchor_grids, 32, seed=5, device=device)
     cells = spec_cells(16, 16, 8, 8)
-    for backend in ("reference", kernel_backend(device)):
+    for backend in ("reference", kernel):
         out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 1, backend=backend)
         kept = out.keep_idx.tolist()
         assert len({cells[i] for i in kept}) == len(kept), "two kept tokens share a cell"
         assert kept == spec_selection(out.scores.tolist(), cells, len(kept), 64)
 
 
+@kernel_device
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5, 0.75])
-def test_budget_above_cells_covers_every_cell(keep_ratio, device):
+def test_budget_above_cells_covers_every_cell(keep_ratio, kernel, device):
     grids, anchor_grids = [(12, 12)], [(5, 7)]
     tokens, anchors = make_workload(grids, anchor_grids, 32, seed=6, device=device)
     cells = spec_cells(12, 12, 5, 7)
-    for backend in ("reference", kernel_backend(device)):
+    for backend in ("reference", kernel):
         out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 1, backend=backend)
         kept = out.keep_idx.tolist()
         assert {cells[i] for i in kept} == set(cells), "an anchor cell kept no token"
@@ -377,17 +384,18 @@ def _poisoned(device):
     return tokens, anchors, grids, anchor_grids
 
 
+@kernel_device
 @pytest.mark.parametrize("keep_ratio", [0.1, 0.5, 1.0])
-def test_non_finite_values_never_crash(keep_ratio, device):
+def test_non_finite_values_never_crash(keep_ratio, kernel, device):
     tokens, anchors, grids, anchor_grids = _poisoned(device)
     outs = {}
-    for backend in ("reference", kernel_backend(device)):
+    for backend in ("reference", kernel):
         out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, 1, backend=backend)
         check_structure(out, grids, [spec_budget(64, keep_ratio, 1)] * 3)
         for row in (70, 140, 150):
             assert math.isnan(out.scores[row].item())
         outs[backend] = out
-    assert_reduce_matches(outs[kernel_backend(device)], tokens, anchors, grids, anchor_grids, keep_ratio, 1)
+    assert_reduce_matches(outs[kernel], tokens, anchors, grids, anchor_grids, keep_ratio, 1)
 
 
 @backend_device
@@ -476,3 +484,68 @@ def test_scores_match_fp64_cosine():
     for backend in ("reference", "cpu"):
         out = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=backend)
         assert_close_report(f"{backend} scores", out.scores, want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ small mixed batches (Triton-interpreter sized)
+
+# A packed batch of mixed sizes: anchors coarser than the ViT grid (12x12 over 4x4), finer
+# than it (5x9 over 10x18: more cells than tokens) and K below the number of cells (20x20
+# over 15x15 at ratio 0.25 keeps 100 of 225 occupied cells).
+MIXED = ([(12, 12), (5, 9), (20, 20)], [(4, 4), (10, 18), (15, 15)])
+
+
+@backend_device
+@dtypes
+def test_mixed_batch_matches_reference(backend, device, dtype):
+    grids, anchor_grids = MIXED
+    tokens, anchors = make_workload(grids, anchor_grids, 32, dtype, seed=9, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.25, 8, backend=backend)
+    # D = 32: the fp32 sums differ from the reference's by far less than SCORE_ATOL: 1e-5 here.
+    assert_close_report("scores", out.scores.cpu(),
+                        reference.anchor_scores(tokens.cpu(), anchors.cpu(), grids, anchor_grids)[0], atol=1e-5, rtol=0)
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, 0.25, 8, name=f"{backend} {dtype}")
+
+
+@backend_device
+def test_one_37x37_image_matches_reference(backend, device):
+    grids, anchor_grids = [(37, 37)], [(16, 16)]
+    tokens, anchors = make_workload(grids, anchor_grids, 16, torch.float32, seed=10, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend=backend)
+    assert out.keep_idx.numel() == 684  # round(684.5) = 684
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name=f"{backend} 37x37")
+
+
+@backend_device
+def test_ternary_mixed_batch_is_bitwise_the_reference(backend, device):
+    """Ties everywhere (duplicated tokens included) and exact sums: identical to the reference."""
+    # 20 x 20 at 0.4 keeps 160 tokens: equal similarities across column tiles and splits.
+    grids, anchor_grids = [(12, 12), (7, 5), (20, 20)], [(4, 4), (14, 10), (5, 5)]
+    tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, seed=11)
+    tokens[100:120] = tokens[40:60]
+    out = g2tr.reduce(tokens.to(device), anchors.to(device), grids, anchor_grids, 0.4, 4, 1.0, backend=backend)
+    want = g2tr.ReduceOutput(*reference.reduce(tokens, anchors, grids, anchor_grids, 0.4, 4, 1.0))
+    assert_outputs_bitwise_equal(f"{backend} vs reference", g2tr.ReduceOutput(*(t.cpu() for t in out)), want)
+
+
+@backend_device
+@pytest.mark.parametrize("keep_ratio,min_keep", [(1.0, 1), (0.5, 1000)], ids=["ratio-1", "min_keep-above-N"])
+def test_budget_of_n_is_the_identity(backend, device, keep_ratio, min_keep):
+    """K = N: everything kept, nothing merged, merged == tokens bit for bit."""
+    grids, anchor_grids = [(5, 7), (3, 3)], [(2, 2), (6, 6)]
+    tokens, anchors = make_workload(grids, anchor_grids, 16, torch.bfloat16, seed=12, device=device)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, backend=backend)
+    n = tokens.shape[0]
+    assert_bitwise_equal("keep_idx", out.keep_idx.cpu(), torch.arange(n))
+    assert_bitwise_equal("assign", out.assign.cpu(), torch.arange(n))
+    assert_bitwise_equal("merged", out.merged.cpu(), tokens.cpu())
+    assert_bitwise_equal("cu_seqlens", out.cu_seqlens.cpu(), torch.tensor([0, 35, 44], dtype=torch.int32))
+
+
+@backend_device
+def test_strided_half_tokens_with_nan(backend, device):
+    grids, anchor_grids = [(10, 10), (4, 6)], [(5, 5), (2, 3)]
+    wide, anchors = make_workload(grids, anchor_grids, 64, torch.float16, seed=13, device=device)
+    tokens = wide[:, 1::2]
+    tokens[7] = float("nan")  # ranks last, merges into the first kept token
+    out = g2tr.reduce(tokens, anchors[:, 1::2], grids, anchor_grids, 0.5, 4, backend=backend)
+    assert_reduce_matches(out, tokens, anchors[:, 1::2], grids, anchor_grids, 0.5, 4, name=f"{backend} non-contiguous")

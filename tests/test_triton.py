@@ -1,4 +1,8 @@
-"""The Triton kernels (g2tr_kernels/triton) against the reference.
+"""What is specific to the Triton kernels (g2tr_kernels/triton): their launchers called
+directly (kernel-level outputs such as inverse norms, per-cell best keys and column splits),
+the torch.library.triton_op ops themselves, the interpreter, and CUDA devices. The op
+contract on the Triton backend is tested with every other backend in tests/test_<op>.py
+(the backend_device parametrisation runs it under the interpreter on the CPU).
 
 On the CPU they run under the Triton interpreter, which @triton.jit picks when the kernel
 modules are imported: TRITON_INTERPRET=1 must be set before that (conftest.py does; so does
@@ -6,7 +10,7 @@ this module, so that it also runs alone). The interpreter is slow, so shapes sta
 D of 16..64 and grids of a few hundred tokens, but the geometry of the real workloads.
 
 Selection is integer logic and must equal the reference exactly on the same scores. Scores
-are fp32 sums in another order, so the end-to-end checks are tie-aware (helpers.py); the
+are fp32 sums in another order, so the checks are tie-aware (g2tr_kernels.testing); the
 ternary workloads, where every sum is exact, must match the reference bit for bit.
 """
 import os
@@ -24,6 +28,7 @@ import torch  # noqa: E402
 
 import g2tr_kernels as g2tr  # noqa: E402
 from g2tr_kernels import reference  # noqa: E402
+from g2tr_kernels.reference.anchor_scores import NORM_EPS  # noqa: E402
 from g2tr_kernels.reference.balanced_topk import descending_order  # noqa: E402
 from g2tr_kernels.reference.budget import budget  # noqa: E402
 
@@ -35,7 +40,6 @@ from helpers import (  # noqa: E402
     assert_bitwise_equal,
     assert_close_report,
     assert_merge_matches,
-    assert_outputs_bitwise_equal,
     assert_reduce_matches,
     make_ternary_workload,
     make_workload,
@@ -78,7 +82,7 @@ def test_score_kernel(dtype):
     ref_scores, ref_cells = reference.anchor_scores(tokens, anchors, grids, anchor_grids)
     assert_close_report("scores", scores, ref_scores, atol=SCORE_ATOL, rtol=0)
     assert_bitwise_equal("cells", cells, ref_cells)
-    norms = tokens.float().norm(dim=1).clamp_min(1e-12)
+    norms = tokens.float().norm(dim=1).clamp_min(NORM_EPS)
     assert_close_report("inv_norms", inv_norms, 1.0 / norms, atol=0, rtol=1e-6)
 
     # The per-cell best folded in by atomic_max: each cell's best token by the kernel's own
@@ -97,17 +101,6 @@ def test_score_kernel(dtype):
             else:
                 assert key == torch.iinfo(torch.int64).min, f"empty cell {cell} got a best token"
         t0, c0 = t0 + h * w, c0 + ha * wa
-
-
-def test_anchor_scores_api_noncontiguous():
-    grids, anchor_grids = [(37, 37)], [(16, 16)]
-    wide, anchors = make_workload(grids, anchor_grids, 32, torch.bfloat16, seed=2)
-    tokens = wide[:, ::2]  # stride 2 along D: the launcher copies
-    assert not tokens.is_contiguous()
-    scores, cells = g2tr.anchor_scores(tokens, anchors[:, ::2], grids, anchor_grids, backend="triton")
-    ref_scores, ref_cells = reference.anchor_scores(tokens, anchors[:, ::2], grids, anchor_grids)
-    assert_close_report("scores", scores, ref_scores, atol=SCORE_ATOL, rtol=0)
-    assert_bitwise_equal("cells", cells, ref_cells)
 
 
 # --------------------------------------------------------------------- selection kernels
@@ -183,80 +176,7 @@ def test_merge_kernel(dtype, splits, merge_weight):
     assert_bitwise_equal("merged", merged, merge_from_assign(tokens, keep, assign, merge_weight))
 
 
-def test_merge_api_ties_and_nan_bitwise():
-    """Exact arithmetic (ternary rows): every tie is real, and the rule must match bit for bit.
-    A NaN row never wins as a target and, dropped, joins the first kept token."""
-    grids, anchor_grids = [(9, 10), (6, 6)], [(3, 3), (2, 2)]
-    tokens, _ = make_ternary_workload(grids, anchor_grids, 16, seed=7)
-    tokens[3] = float("nan")
-    lengths, budgets = lengths_budgets(grids, 0.3, 4)
-    gen = torch.Generator().manual_seed(8)
-    others = torch.randperm(lengths[0], generator=gen)
-    first = torch.cat([torch.tensor([3]), others[others != 3][: budgets[0] - 1]])  # the NaN token kept
-    second = torch.randperm(lengths[1], generator=gen)[: budgets[1]] + lengths[0]
-    keep = torch.cat([first.sort().values, second.sort().values])
-    tokens = torch.cat([tokens, tokens[:10]])  # and a NaN token dropped, in another image
-    grids = [(9, 10), (6, 6), (2, 5)]
-    lengths, budgets = lengths_budgets(grids, 0.3, 4)
-    keep = torch.cat([keep, torch.tensor([lengths[0] + lengths[1] + i for i in (0, 4, 5, 9)])])
-    merged, assign = g2tr.merge(tokens, keep, lengths, budgets, 2.0, backend="triton")
-    ref_merged, ref_assign = reference.merge(tokens, keep, lengths, budgets, 2.0)
-    assert_bitwise_equal("assign", assign, ref_assign)
-    assert_bitwise_equal("merged", merged, ref_merged)
-
-
 # -------------------------------------------------------------------- whole reduction
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_reduce_packed_mixed(dtype):
-    grids, anchor_grids = MIXED
-    tokens, anchors = make_workload(grids, anchor_grids, 32, dtype, seed=9)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.25, 8, backend="triton")
-    assert_close_report("scores", out.scores, reference.anchor_scores(tokens, anchors, grids, anchor_grids)[0],
-                        atol=SCORE_ATOL, rtol=0)
-    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, 0.25, 8, name=f"triton {dtype}")
-
-
-def test_reduce_37x37_rounding():
-    grids, anchor_grids = [(37, 37)], [(16, 16)]
-    tokens, anchors = make_workload(grids, anchor_grids, 16, torch.float32, seed=10)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, backend="triton")
-    assert out.keep_idx.numel() == 684  # round(684.5) = 684
-    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name="triton 37x37")
-
-
-def test_reduce_ternary_bitwise():
-    """Ties everywhere (duplicated tokens included) and exact sums: identical to the reference."""
-    # 20 x 20 at 0.4 keeps 160 tokens: equal similarities across column tiles and splits.
-    grids, anchor_grids = [(12, 12), (7, 5), (20, 20)], [(4, 4), (14, 10), (5, 5)]
-    tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, seed=11)
-    tokens[100:120] = tokens[40:60]
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.4, 4, 1.0, backend="triton")
-    want = g2tr.ReduceOutput(*reference.reduce(tokens, anchors, grids, anchor_grids, 0.4, 4, 1.0))
-    assert_outputs_bitwise_equal("triton vs reference", out, want)
-
-
-@pytest.mark.parametrize("keep_ratio,min_keep", [(1.0, 1), (0.5, 1000)], ids=["ratio-1", "min_keep-above-N"])
-def test_reduce_identity(keep_ratio, min_keep):
-    """K = N: everything kept, nothing merged, merged == tokens bit for bit."""
-    grids, anchor_grids = [(5, 7), (3, 3)], [(2, 2), (6, 6)]
-    tokens, anchors = make_workload(grids, anchor_grids, 16, torch.bfloat16, seed=12)
-    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, backend="triton")
-    n = tokens.shape[0]
-    assert_bitwise_equal("keep_idx", out.keep_idx, torch.arange(n))
-    assert_bitwise_equal("assign", out.assign, torch.arange(n))
-    assert_bitwise_equal("merged", out.merged, tokens)
-    assert_bitwise_equal("cu_seqlens", out.cu_seqlens, torch.tensor([0, 35, 44], dtype=torch.int32))
-
-
-def test_reduce_noncontiguous_and_nan():
-    grids, anchor_grids = [(10, 10), (4, 6)], [(5, 5), (2, 3)]
-    wide, anchors = make_workload(grids, anchor_grids, 64, torch.float16, seed=13)
-    tokens = wide[:, 1::2]
-    tokens[7] = float("nan")  # ranks last, merges into the first kept token
-    out = g2tr.reduce(tokens, anchors[:, 1::2], grids, anchor_grids, 0.5, 4, backend="triton")
-    assert_reduce_matches(out, tokens, anchors[:, 1::2], grids, anchor_grids, 0.5, 4, name="triton non-contiguous")
 
 
 def test_ops_opcheck_fake():

@@ -1,10 +1,6 @@
-// Stage III select on the CPU: per image, one sort of its N scores, then two walks.
-//
-// In descending score order (ties to the lower index) a token is taken while its cell
-// holds fewer than `quota` taken tokens, until K are taken; then the best tokens not
-// yet taken fill up to K. With quota 1 the first token met of each cell is its best and
-// cells are met in the order of their best score: G2TR's "top min(K, #cells) cell
-// seeds, then fill". See g2tr_kernels/reference/balanced_topk.py.
+// Stage III select on the CPU: per image, one sort of its N scores (ranks_before), then
+// two walks over that order, the seeds and the fill. The rule itself is SPEC.md §3 as
+// g2tr_kernels/reference/balanced_topk.py states it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -18,9 +18,8 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..reference.anchor_scores import NORM_EPS
 from ..reference.budget import budget
-
-EPS = 1e-12
 
 
 def faiss_available() -> bool:
@@ -50,7 +49,7 @@ def faiss_merge(tokens: torch.Tensor, keep_idx: torch.Tensor, lengths: Sequence[
     if tokens.device.type != "cpu":
         raise RuntimeError("faiss-cpu runs on CPU tensors only")
     x = tokens.float()
-    unit = F.normalize(x, dim=-1, eps=EPS)
+    unit = F.normalize(x, dim=-1, eps=NORM_EPS)
     n_total, d = x.shape
     assign = torch.empty(n_total, dtype=torch.int64)
     is_kept = torch.zeros(n_total, dtype=torch.bool)
@@ -130,7 +129,7 @@ def tome_bipartite(tokens: torch.Tensor, lengths: Sequence[int], keep_ratio: flo
         v = tokens[t0 : t0 + n].float()
         position = torch.arange(n, device=tokens.device)
         while v.shape[0] > k:
-            unit = F.normalize(v.to(tokens.dtype), dim=-1, eps=EPS)
+            unit = F.normalize(v.to(tokens.dtype), dim=-1, eps=NORM_EPS)
             a, b = unit[0::2], unit[1::2]
             r = min(v.shape[0] - k, a.shape[0])
             best, partner = (a @ b.T).max(dim=-1)

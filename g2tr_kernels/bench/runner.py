@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import ops, reference
+from .. import ops, reference, testing
 from ..reference.budget import cell_ids
 from . import peers, published
 from .workloads import Workload, make_inputs, single_image
@@ -232,25 +232,6 @@ def available_backends(device: torch.device, requested: Optional[Sequence[str]] 
     return usable, skipped
 
 
-def _max_abs(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
-    if a.shape != b.shape:
-        return None
-    if a.numel() == 0:
-        return 0.0
-    return float((a.float() - b.float()).abs().max())
-
-
-def _differ(a: torch.Tensor, b: torch.Tensor) -> Optional[int]:
-    if a.shape != b.shape:
-        return None
-    return int((a != b).sum())
-
-
-def _missing(keep_idx: torch.Tensor, ref_keep_idx: torch.Tensor) -> int:
-    """Reference-kept tokens this keep set lacks (0 iff the sets agree, for sets of one size)."""
-    return int((~torch.isin(ref_keep_idx, keep_idx)).sum())
-
-
 def _reduce_errors(ref, lengths: Sequence[int], budgets: Sequence[int]):
     device = ref.assign.device
     image_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
@@ -259,9 +240,9 @@ def _reduce_errors(ref, lengths: Sequence[int], budgets: Sequence[int]):
     def errors(out) -> Dict[str, Any]:
         merged, keep_idx, _, _, assign = out
         found = {
-            "max_abs_err": _max_abs(merged, ref.merged),
-            "keep_idx_diff": _missing(keep_idx, ref.keep_idx),
-            "assign_diff": _differ(assign, ref.assign),
+            "max_abs_err": testing.max_abs_error(merged, ref.merged),
+            "keep_idx_diff": testing.missing_kept(keep_idx, ref.keep_idx),
+            "assign_diff": testing.count_different(assign, ref.assign),
         }
         if assign.shape == ref.assign.shape and merged.shape[0] == image_of_row.numel():
             found["cross_image_merges"] = int((image_of_row[assign] != image_of_token).sum())
@@ -351,7 +332,7 @@ def build_cases(
     if opts.peers:
         def tome_errors(out):
             _, keep_idx = out
-            return {"keep_idx_diff": _missing(keep_idx, ref.keep_idx)}
+            return {"keep_idx_diff": testing.missing_kept(keep_idx, ref.keep_idx)}
 
         cases.append(Case("ToMe bipartite", "reduce", "peer",
                           lambda: peers.tome_bipartite(tokens, lengths, kr, mk), tome_errors,
@@ -361,7 +342,7 @@ def build_cases(
 
     # ---- stage III score
     def score_errors(out):
-        return {"max_abs_err": _max_abs(out[0], ref.scores)}
+        return {"max_abs_err": testing.max_abs_error(out[0], ref.scores)}
 
     cases.append(Case("reference", "score", "reference",
                       lambda: ops.anchor_scores(tokens, anchors, grids, anchor_grids, backend="reference"),
@@ -376,7 +357,7 @@ def build_cases(
     scores = ref.scores
 
     def keep_errors(keep_idx):
-        return {"keep_idx_diff": _missing(keep_idx, ref.keep_idx)}
+        return {"keep_idx_diff": testing.missing_kept(keep_idx, ref.keep_idx)}
 
     cases.append(Case("reference", "select", "reference",
                       lambda: ops.balanced_topk(scores, cells, lengths, budgets, cell_counts, backend="reference"),
@@ -396,7 +377,8 @@ def build_cases(
 
     def merge_errors(out):
         merged, assign = out
-        return {"max_abs_err": _max_abs(merged, ref.merged), "assign_diff": _differ(assign, ref.assign)}
+        return {"max_abs_err": testing.max_abs_error(merged, ref.merged),
+                "assign_diff": testing.count_different(assign, ref.assign)}
 
     cases.append(Case("reference", "merge", "reference",
                       lambda: ops.merge(tokens, keep_idx, lengths, budgets, backend="reference"),
@@ -414,7 +396,7 @@ def build_cases(
         k_total = sum(budgets)
 
         def mean_errors(merged):
-            return {"max_abs_err": _max_abs(merged, ref.merged)}
+            return {"max_abs_err": testing.max_abs_error(merged, ref.merged)}
 
         cases.append(Case("index_add mean", "accumulate", "peer",
                           lambda: peers.index_add_mean(tokens, ref.assign, k_total), mean_errors,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .budget import cell_ids
 
-EPS = 1e-12  # torch.nn.functional.normalize's default
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's default; the one eps of every backend (common.h kNormEps)
 
 
 def anchor_scores(tokens, anchors, grids, anchor_grids):
@@ -20,7 +20,7 @@ def anchor_scores(tokens, anchors, grids, anchor_grids):
         v = tokens[t0 : t0 + h * w].float()  # accumulate in fp32 whatever the input dtype
         a = anchors[a0 : a0 + h_a * w_a].float()
         cell = cell_ids(h, w, h_a, w_a, device=tokens.device)
-        s = (F.normalize(v, dim=-1, eps=EPS) * F.normalize(a, dim=-1, eps=EPS)[cell]).sum(-1)
+        s = (F.normalize(v, dim=-1, eps=NORM_EPS) * F.normalize(a, dim=-1, eps=NORM_EPS)[cell]).sum(-1)
         scores.append(s)
         cells.append(cell)
         t0 += h * w

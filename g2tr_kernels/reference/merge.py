@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12
+from .anchor_scores import NORM_EPS
 
 
 def merge_one_image(v: torch.Tensor, kept: torch.Tensor, merge_weight: float):
@@ -21,7 +21,7 @@ def merge_one_image(v: torch.Tensor, kept: torch.Tensor, merge_weight: float):
     is_kept = torch.zeros(n, dtype=torch.bool, device=v.device)
     is_kept[kept] = True
     dropped = torch.nonzero(~is_kept).squeeze(1)
-    unit = F.normalize(x, dim=-1, eps=EPS)
+    unit = F.normalize(x, dim=-1, eps=NORM_EPS)
     sim = unit[dropped] @ unit[kept].T
     # NaN never wins; argmax returns the first (lowest) index among equal maxima.
     sim = torch.nan_to_num(sim, nan=float("-inf"))

@@ -143,6 +143,6 @@ def triton_anchor_scores(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.ops.g2tr.triton_anchor_scores: same contract as torch.ops.g2tr.anchor_scores."""
     op = "g2tr.triton_anchor_scores"
-    grids, anchor_grids = _checks.images(op, tokens, anchors, grids, anchor_grids)
+    grids, anchor_grids = _checks.anchor_scores_args(op, tokens, anchors, grids, anchor_grids)
     scores, cells, _, _ = score(tokens, anchors, grids, anchor_grids, op=op)
     return scores, cells

@@ -289,12 +289,7 @@ def triton_balanced_topk(
 ) -> torch.Tensor:
     """torch.ops.g2tr.triton_balanced_topk: same contract as torch.ops.g2tr.balanced_topk."""
     op = "g2tr.triton_balanced_topk"
-    if scores.dim() != 1 or scores.dtype != torch.float32:
-        raise TypeError(f"{op}: scores must be a 1-D float32 tensor, got {scores.dtype} of shape {list(scores.shape)}")
-    lengths = _checks.lengths(op, lengths, scores.shape[0])
-    _checks.index_tensor(op, "cells", cells, scores.shape[0])
-    _checks.same_device(op, "scores", scores, "cells", cells)
-    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
-    cell_counts = _checks.per_image(op, "cell_counts", cell_counts, lengths, high=1 << 26)
-    cell_quotas = _checks.per_image(op, "cell_quotas", cell_quotas, lengths)
+    lengths, budgets, cell_counts, cell_quotas = _checks.balanced_topk_args(
+        op, scores, cells, lengths, budgets, cell_counts, cell_quotas
+    )
     return select(scores, cells, lengths, budgets, cell_counts, cell_quotas, op=op)

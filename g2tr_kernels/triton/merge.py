@@ -383,10 +383,5 @@ def triton_merge(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.ops.g2tr.triton_merge: same contract as torch.ops.g2tr.merge."""
     op = "g2tr.triton_merge"
-    _checks.float_tensor(op, "tokens", tokens, 2)
-    lengths = _checks.lengths(op, lengths, tokens.shape[0])
-    budgets = _checks.per_image(op, "budgets", budgets, lengths, high="length")
-    _checks.index_tensor(op, "keep_idx", keep_idx, sum(budgets))
-    _checks.same_device(op, "tokens", tokens, "keep_idx", keep_idx)
-    _checks.merge_weight(op, merge_weight)
+    lengths, budgets = _checks.merge_args(op, tokens, keep_idx, lengths, budgets, merge_weight)
     return merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, op=op)

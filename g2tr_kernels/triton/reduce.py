@@ -54,7 +54,6 @@ def triton_reduce(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.ops.g2tr.triton_reduce: same contract as torch.ops.g2tr.reduce."""
     op = "g2tr.triton_reduce"
-    grids, anchor_grids = _checks.images(op, tokens, anchors, grids, anchor_grids)
-    _checks.ratio(op, keep_ratio, min_keep)
-    _checks.merge_weight(op, merge_weight)
+    grids, anchor_grids = _checks.reduce_args(op, tokens, anchors, grids, anchor_grids, keep_ratio, min_keep,
+                                              merge_weight)
     return reduce_tokens(tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, merge_weight, op)

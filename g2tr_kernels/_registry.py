@@ -1,0 +1,163 @@
+"""One record per op of torch.ops.g2tr: the single list every layer that names the ops reads.
+
+A record holds the op's stem (csrc/cpu/<name>.cpp, csrc/cuda/<name>.cu, triton/<name>.py,
+reference/<name>.py, tests/test_<name>.py, benchmarks/bench_<name>.py), its schema as
+csrc/ops.cpp defines it, the Python API's argument normaliser, the reference path (the op's
+Python checker, then its reference function), the fake kernel and the gradient; kernel()
+gives the native op (torch.ops.g2tr.<name>) or the Triton op (torch.ops.g2tr.triton_<name>).
+From OPS:
+
+  - ops.py routes every public call: normalise, pick the backend, call kernel(backend);
+  - _fake.register() and _autograd.register() register the fake kernels and gradients of
+    the native ops, _autograd.register("triton_") those of the Triton ops (same schemas);
+  - the tests take their op list (and tests/test_library.py the schemas) from here.
+
+Validation happens once per call, where the op runs: the native ops in C++ (checks.h), the
+reference path, the Triton op bodies and the fake kernels through the op's one Python
+checker (_checks.py: <op>_args). The normaliser
+only turns the API's forms into the schema's (grid pairs into flat lists, numpy numbers
+into Python ones, "window" quotas into ints); it rejects only what the schema cannot carry
+(tensors where host ints belong, fractional ints).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import _autograd, _checks, _fake, reference
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRecord:
+    name: str  # the stem in every layer; torch.ops.g2tr.<name>, torch.ops.g2tr.triton_<name>
+    schema: str  # exactly as csrc/ops.cpp defines it (tests/test_library.py compares)
+    normalise: Callable[..., tuple]  # API arguments -> the schema's positional arguments
+    reference: Callable[..., object]  # schema arguments -> outputs: the op's Python checker, then reference/<name>.py
+    fake: Callable[..., object]  # schema arguments -> empty outputs of the right sizes (g2tr_kernels/_fake.py)
+    backward: Optional[Callable] = None  # torch.library.register_autograd's pair (g2tr_kernels/_autograd.py)
+    setup_context: Optional[Callable] = None
+
+    @property
+    def qualname(self) -> str:
+        return f"g2tr::{self.name}"
+
+    @functools.cached_property
+    def argument_names(self) -> Tuple[str, ...]:
+        return tuple(a.name for a in torch._C.parse_schema(self.qualname + self.schema[len(self.name):]).arguments)
+
+    @property
+    def label(self) -> str:
+        """How error messages name the op."""
+        return f"g2tr.{self.name}"
+
+    def kernel(self, backend: str) -> Callable:
+        """The callable of a resolved backend ("reference", "cpu", "cuda" or "triton")."""
+        if backend == "reference":
+            return self.reference
+        prefix = "triton_" if backend == "triton" else ""  # cpu and cuda: the dispatcher picks by device
+        return getattr(torch.ops.g2tr, prefix + self.name).default
+
+
+# ---------------------------------------------------------------------------- normalisers
+
+
+def _normalise_anchor_scores(tokens, anchors, grids, anchor_grids) -> tuple:
+    op = "g2tr.anchor_scores"
+    return tokens, anchors, _checks.flat_grid(op, "grids", grids), _checks.flat_grid(op, "anchor_grids", anchor_grids)
+
+
+def _normalise_reduce(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=32, merge_weight=1.0) -> tuple:
+    op = "g2tr.reduce"
+    # Plain Python numbers: every backend computes K from the same double.
+    return (tokens, anchors, _checks.flat_grid(op, "grids", grids), _checks.flat_grid(op, "anchor_grids", anchor_grids),
+            _checks.as_float(op, "keep_ratio", keep_ratio), _checks.as_int(op, "min_keep", min_keep),
+            _checks.as_float(op, "merge_weight", merge_weight))
+
+
+def _normalise_balanced_topk(scores, cells, lengths, budgets, cell_counts, quota=1) -> tuple:
+    op = "g2tr.balanced_topk"
+    budgets = _checks.int_list(op, "budgets", budgets)
+    cell_counts = _checks.int_list(op, "cell_counts", cell_counts)
+    return (scores, cells, _checks.int_list(op, "lengths", lengths), budgets, cell_counts,
+            _checks.cell_quotas(op, quota, budgets, cell_counts))
+
+
+def _normalise_merge(tokens, keep_idx, lengths, budgets, merge_weight=1.0) -> tuple:
+    op = "g2tr.merge"
+    return (tokens, keep_idx, _checks.int_list(op, "lengths", lengths), _checks.int_list(op, "budgets", budgets),
+            _checks.as_float(op, "merge_weight", merge_weight))
+
+
+# ---------------------------------------------------------------------------- the reference path
+
+
+def _reference_anchor_scores(tokens, anchors, grids, anchor_grids):
+    g, a = _checks.anchor_scores_args("g2tr.anchor_scores", tokens, anchors, grids, anchor_grids)
+    return reference.anchor_scores(tokens, anchors, g, a)
+
+
+def _reference_reduce(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=32, merge_weight=1.0):
+    g, a = _checks.reduce_args("g2tr.reduce", tokens, anchors, grids, anchor_grids, keep_ratio, min_keep, merge_weight)
+    return reference.reduce(tokens, anchors, g, a, keep_ratio, min_keep, merge_weight)
+
+
+def _reference_balanced_topk(scores, cells, lengths, budgets, cell_counts, cell_quotas):
+    args = _checks.balanced_topk_args("g2tr.balanced_topk", scores, cells, lengths, budgets, cell_counts, cell_quotas)
+    return reference.balanced_topk(scores, cells, *args)
+
+
+def _reference_merge(tokens, keep_idx, lengths, budgets, merge_weight=1.0):
+    lengths, budgets = _checks.merge_args("g2tr.merge", tokens, keep_idx, lengths, budgets, merge_weight)
+    return reference.merge(tokens, keep_idx, lengths, budgets, merge_weight)
+
+
+# ---------------------------------------------------------------------------- the records
+
+OPS: Tuple[OpRecord, ...] = (
+    OpRecord(
+        name="anchor_scores",
+        schema="anchor_scores(Tensor tokens, Tensor anchors, int[] grids, int[] anchor_grids) "
+        "-> (Tensor scores, Tensor cells)",
+        normalise=_normalise_anchor_scores,
+        reference=_reference_anchor_scores,
+        fake=_fake.anchor_scores,
+        backward=_autograd.backward_anchor_scores,
+        setup_context=_autograd.setup_anchor_scores,
+    ),
+    OpRecord(
+        name="balanced_topk",
+        schema="balanced_topk(Tensor scores, Tensor cells, int[] lengths, int[] budgets, int[] cell_counts, "
+        "int[] cell_quotas) -> Tensor keep_idx",
+        normalise=_normalise_balanced_topk,
+        reference=_reference_balanced_topk,
+        fake=_fake.balanced_topk,  # no gradient: the output is indices
+    ),
+    OpRecord(
+        name="merge",
+        schema="merge(Tensor tokens, Tensor keep_idx, int[] lengths, int[] budgets, float merge_weight=1.0) "
+        "-> (Tensor merged, Tensor assign)",
+        normalise=_normalise_merge,
+        reference=_reference_merge,
+        fake=_fake.merge,
+        backward=_autograd.backward_merge,
+        setup_context=_autograd.setup_merge,
+    ),
+    OpRecord(
+        name="reduce",
+        schema="reduce(Tensor tokens, Tensor anchors, int[] grids, int[] anchor_grids, float keep_ratio=0.5, "
+        "int min_keep=32, float merge_weight=1.0) -> (Tensor merged, Tensor keep_idx, Tensor cu_seqlens, "
+        "Tensor scores, Tensor assign)",
+        normalise=_normalise_reduce,
+        reference=_reference_reduce,
+        fake=_fake.reduce,
+        backward=_autograd.backward_reduce,
+        setup_context=_autograd.setup_reduce,
+    ),
+)
+BY_NAME: Dict[str, OpRecord] = {record.name: record for record in OPS}
+NAMES: Tuple[str, ...] = tuple(BY_NAME)
