@@ -158,12 +158,10 @@ class Reducer:
         tokens = torch.cat(features) if len(features) > 1 else features[0]
         tokens = tokens.contiguous()
         vae = self.vae(tokens.device)
-        kwargs = {"vit_grids": list(grids)} if self.cfg.pool == "auto" else {}
         anchors, anchor_grids = anchors_from_vae(
             vae, [img.to(tokens.device) for img in images], projection="interpolate", patch=self.cfg.patch,
-            pool=self.cfg.pool, dim=self.hidden_size, sample=self.cfg.sample, **kwargs,
+            pool=self.cfg.pool, dim=self.hidden_size, sample=self.cfg.sample, vit_grids=list(grids), like=tokens,
         )
-        anchors = anchors.to(device=tokens.device, dtype=tokens.dtype)
         out = ops.reduce(
             tokens, anchors, list(grids), anchor_grids, keep_ratio=self.cfg.keep_ratio, min_keep=self.cfg.min_keep,
             merge_weight=self.cfg.merge_weight, backend=self.cfg.backend,

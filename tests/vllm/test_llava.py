@@ -7,7 +7,7 @@ import tiny_models as tm
 
 import g2tr_kernels
 
-KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, 2
+KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, "auto"
 LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers
 PROMPTS_TEXT = ["USER: <image> w3 w17 w42 ASSISTANT:", "USER: w5 <image> w9 ASSISTANT: w1 w2"]
 IMAGES = [(64, 64, 0), (90, 70, 1)]  # resized / cropped to the tower's 64 x 64 by the processor

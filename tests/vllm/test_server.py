@@ -17,7 +17,7 @@ import tiny_models as tm
 
 import g2tr_kernels
 
-KEEP, MIN_KEEP, POOL, STEPS = 0.5, 8, 2, 6
+KEEP, MIN_KEEP, POOL, STEPS = 0.5, 8, "auto", 6
 START_TIMEOUT_S = 300
 
 
