@@ -185,9 +185,10 @@ class G2TRQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
 
     Text positions depend only on the grid, so get_mrope_input_positions sets them up front;
     the kept tokens' positions are known only after the reduction, so embed_multimodal
-    appends them to the embeddings as 4 extra channels (t, h, w, max(h, w)), the layout of
-    vLLM's multimodal-pruning interface (SupportsMultiModalPruning, EVS), and vLLM's
-    recompute_mrope_positions writes them into the request's positions before the prefill.
+    appends them to the embeddings as 4 extra channels (t, h, w, row in the placeholder run),
+    the layout of vLLM's multimodal-pruning interface (SupportsMultiModalPruning, EVS), and
+    recompute_mrope_positions (that interface's hook) writes them into the request's
+    positions before the prefill.
     vLLM calls that hook only when multimodal pruning is enabled, which it ties to video
     pruning: the worker's copy of the multimodal config is told pruning is on (what vLLM's
     GPU runners read after loading), and g2tr_mrope asks the CPU runner (see
@@ -256,11 +257,48 @@ class G2TRQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
                 )
             local = out.keep_idx[cu[b] : cu[b + 1]] - offset
             offset += h * w
-            positions = torch.stack(
-                [torch.zeros_like(local), local // w, local % w, torch.full_like(local, max(h, w))], dim=1
-            )
+            # (t, h, w) of each kept token; the 4th channel of vLLM's layout is unused here.
+            positions = torch.stack([torch.zeros_like(local), local // w, local % w, torch.zeros_like(local)], dim=1)
             embeds.append(torch.cat([rows, positions.to(rows.dtype)], dim=1))
         return tuple(embeds)
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Write the kept tokens' positions (base + (t, h, w)) into their placeholder rows.
+
+        Text positions are already right (get_mrope_input_positions). The pieces handed over
+        are the images whose placeholders are scheduled, in prompt order, starting with the
+        first placeholder run that ends after num_computed_tokens; only that first one can be
+        cut by chunked prefill (vLLM slices it from num_computed_tokens on). vLLM's EVS version
+        instead finds media by vision-start tokens from a cursor it advances by the embedding
+        count only, which misplaces a second image after long text.
+        """
+        if self.g2tr is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
+        ids = torch.as_tensor(input_ids, device=mrope_positions.device).long().reshape(-1)
+        is_image = ids == self.config.image_token_id
+        change = torch.diff(is_image.int(), prepend=torch.zeros(1, dtype=torch.int, device=ids.device))
+        starts = (change == 1).nonzero()[:, 0].tolist()
+        ends = (change == -1).nonzero()[:, 0].tolist() + ([ids.numel()] if bool(is_image[-1]) else [])
+        runs = [(a, e) for a, e in zip(starts, ends) if e > num_computed_tokens]
+        positions = mrope_positions.clone()
+        embeds = []
+        for i, (piece, (start, end)) in enumerate(zip(multimodal_embeddings, runs)):
+            channels = piece[:, -4:].long().T
+            first = start + (max(num_computed_tokens - start, 0) if i == 0 else 0)
+            rows = torch.arange(first, first + piece.shape[0], device=positions.device)
+            if first + piece.shape[0] > end:
+                raise RuntimeError("g2tr.vllm: Qwen2.5-VL image rows do not fit their placeholder run")
+            base = positions[0, start - 1] + 1 if start > 0 else 0
+            positions[:, rows] = (channels[:3] + base).to(positions.dtype)
+            embeds.append(piece[:, :-4])
+        if len(embeds) != len(multimodal_embeddings):
+            raise RuntimeError(
+                f"g2tr.vllm: {len(multimodal_embeddings)} Qwen2.5-VL image pieces for {len(runs)} placeholder runs"
+            )
+        delta = int(positions.max() + 1 - ids.numel()) if positions.numel() else -ids.numel()
+        return embeds, positions, delta
 
     def get_mrope_input_positions(self, input_tokens: list, mm_features: list) -> Tuple[torch.Tensor, int]:
         if self.g2tr is None:

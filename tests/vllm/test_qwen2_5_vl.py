@@ -11,14 +11,20 @@ import g2tr_kernels
 KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, 2
 LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-PROMPTS_TEXT = [f"USER: {IMAGE} w3 w17 w42 ASSISTANT:", f"USER: w5 w6 {IMAGE} w9 ASSISTANT: w1"]
+# Two images after more text than the first one's K: each lands in its own placeholder run.
+LONG = " ".join(f"w{i}" for i in range(30))
+PROMPTS_TEXT = [f"USER: {IMAGE} w3 w17 w42 ASSISTANT:", f"USER: w5 w6 {IMAGE} w9 ASSISTANT: w1",
+                f"USER: {LONG} {IMAGE} w8 {IMAGE} w2 ASSISTANT:"]
 # Non-square grids both ways (h > w and w > h): text after the image starts max(h, w) past it.
-IMAGES = [(200, 150, 0), (120, 210, 1)]
+IMAGES = [[(200, 150, 0)], [(120, 210, 1)], [(150, 200, 2), (210, 120, 3)]]
+
+
+def _images(spec):
+    return [tm.make_image(w, h, s) for w, h, s in spec]
 
 
 def _prompts():
-    return [{"prompt": p, "multi_modal_data": {"image": tm.make_image(w, h, s)}}
-            for p, (w, h, s) in zip(PROMPTS_TEXT, IMAGES)]
+    return [{"prompt": p, "multi_modal_data": {"image": _images(spec)}} for p, spec in zip(PROMPTS_TEXT, IMAGES)]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +60,8 @@ def test_prompt_holds_k_placeholders(runs, references):
     grids = set()
     for (prompt_ids, _, _), ref in zip(runs["g2tr"], references[KEEP]):
         grids.add(ref["grid"][0] > ref["grid"][1])
-        k = g2tr_kernels.budgets([ref["n"]], KEEP, MIN_KEEP)[0]
-        assert k < ref["n"]
+        k = sum(g2tr_kernels.budgets([h * w for h, w in ref["grids"]], KEEP, MIN_KEEP))
+        assert k == ref["k"] < ref["n"]
         assert len(prompt_ids) == k + ref["text_len"] == ref["prompt_len"]
     assert grids == {True, False}  # both orientations were exercised
 

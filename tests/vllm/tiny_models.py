@@ -238,7 +238,8 @@ def llava_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio
 def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio: float, min_keep: int,
                    steps: int, pool="auto") -> Dict[str, object]:
     """Qwen2.5-VL in transformers (fp32) on the reduced prompt: kept tokens at their unreduced
-    M-RoPE positions, text at its unreduced positions (SPEC §5: ids taken at the kept positions)."""
+    M-RoPE positions, text at its unreduced positions (SPEC §5: ids taken at the kept positions).
+    image: one PIL image or a list (one per image placeholder, in order)."""
     from diffusers import AutoencoderKL
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -246,23 +247,23 @@ def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio:
     from g2tr_kernels.anchors import anchors_from_vae
     from g2tr_kernels.integrations.vllm import qwen_patches_to_images, unnormalize
 
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
     processor = AutoProcessor.from_pretrained(folder)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32).eval()
     vae = AutoencoderKL.from_pretrained(vae_folder, torch_dtype=torch.float32).eval()
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    inputs = processor(text=[prompt], images=images, return_tensors="pt")
     ids = inputs["input_ids"][0]
     cfg = model.config
     vc = cfg.vision_config
-    grid_thw = inputs["image_grid_thw"]
-    t, gh, gw = grid_thw[0].tolist()
     m = vc.spatial_merge_size
-    h, w = gh // m, gw // m
+    grid_thw = inputs["image_grid_thw"]
+    grids = [(h // m, w // m) for _, h, w in grid_thw.tolist()]
+    lengths = [h * w for h, w in grids]
     with torch.no_grad():
         feats = model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=grid_thw)
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
-        n = feats.shape[0]
-        assert n == h * w
+        assert feats.shape[0] == sum(lengths)
         # The unreduced M-RoPE positions, from transformers itself.
         types = inputs.get("mm_token_type_ids")
         if types is None:
@@ -270,24 +271,31 @@ def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio:
         position_ids, _ = model.model.get_rope_index(ids[None], types, image_grid_thw=grid_thw,
                                                      attention_mask=torch.ones_like(ids[None]))
         position_ids = position_ids[:, 0]  # [3, L]
-        # The image as the tower saw it.
-        frame = qwen_patches_to_images(inputs["pixel_values"].float(), grid_thw, vc.patch_size,
-                                       vc.temporal_patch_size, m)[0]
         ip = processor.image_processor
-        img = unnormalize(frame, ip.image_mean, ip.image_std)
-        kwargs = {"vit_grids": [(h, w)]} if pool == "auto" else {}
-        anchors, agrids = anchors_from_vae(vae, [img], projection="interpolate", pool=pool,
-                                           dim=cfg.text_config.hidden_size, **kwargs)
-        out = g2tr_kernels.reduce(feats, anchors.to(feats.dtype), [(h, w)], agrids, keep_ratio=keep_ratio,
+        frames = qwen_patches_to_images(inputs["pixel_values"].float(), grid_thw, vc.patch_size,
+                                        vc.temporal_patch_size, m)
+        vae_images = [unnormalize(f, ip.image_mean, ip.image_std) for f in frames]
+        anchors, agrids = anchors_from_vae(vae, vae_images, projection="interpolate", pool=pool,
+                                           dim=cfg.text_config.hidden_size, vit_grids=grids)
+        out = g2tr_kernels.reduce(feats, anchors.to(feats.dtype), grids, agrids, keep_ratio=keep_ratio,
                                   min_keep=min_keep)
-        k = g2tr_kernels.budgets([n], keep_ratio, min_keep)[0]
-        pos = (ids == cfg.image_token_id).nonzero()[:, 0]
-        start = int(pos[0])
-        keep = torch.cat([torch.arange(start), start + out.keep_idx, torch.arange(start + n, ids.numel())])
+        kept = g2tr_kernels.budgets(lengths, keep_ratio, min_keep)
+        is_image = (ids == cfg.image_token_id).tolist()
+        starts = [i for i, v in enumerate(is_image) if v and (i == 0 or not is_image[i - 1])]
+        assert len(starts) == len(grids)
+        keep, pieces, offset, cursor = [], [], 0, 0
+        cu = out.cu_seqlens.tolist()
+        for b, (start, n) in enumerate(zip(starts, lengths)):
+            keep.append(torch.arange(cursor, start))
+            keep.append(start + out.keep_idx[cu[b]:cu[b + 1]] - offset)
+            offset += n
+            cursor = start + n
+        keep.append(torch.arange(cursor, ids.numel()))
+        keep = torch.cat(keep)
         reduced = ids[keep]
         kept_pos = position_ids[:, keep]  # [3, L']
         embeds = model.get_input_embeddings()(reduced[None]).clone()
-        embeds[0, start:start + k] = out.merged
+        embeds[0, reduced == cfg.image_token_id] = out.merged
         next_pos = int(kept_pos.max()) + 1
 
         def positions(step: int, length: int):
@@ -296,9 +304,8 @@ def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio:
             return torch.full((3, 1, 1), next_pos + step - 1)
 
         tokens, logprobs = _greedy(model, embeds, steps, positions)
-    return {"tokens": tokens, "logprobs": logprobs, "prompt_len": int(reduced.numel()), "n": n, "k": k, "text_len": int(ids.numel()) - n,
-            "grid": (h, w)}
-
+    return {"tokens": tokens, "logprobs": logprobs, "prompt_len": int(reduced.numel()), "n": sum(lengths),
+            "k": sum(kept), "text_len": int(ids.numel()) - sum(lengths), "grid": grids[0], "grids": grids}
 
 def run_engine(model: str, prompts, g2tr=None, max_tokens: int = 8, **kwargs):
     """Start one vLLM engine, greedy-decode every prompt, shut it down; returns
