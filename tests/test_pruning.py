@@ -64,19 +64,54 @@ def test_fastv_keep_indexes_by_hand():
     attn[0, 1, -1, 2:6] = torch.tensor([0.1, 0.2, 0.0, 0.5])
     # head mean .1 .3 .1 .4 -> best two are image tokens 3 and 1 -> positions 5 and 3
     assert fastv_scores(attn, 2, 4)[0].tolist() == pytest.approx([0.1, 0.3, 0.1, 0.4])
-    assert fastv_keep_indexes(attn, 2, 4, keep_ratio=0.5).tolist() == [[0, 1, 3, 5, 6, 7]]
-    # FastV's own code takes batch 0 of [H, L, L]-like input: a 3-D input gives a 1-D result
+    # FastV's keep_indexs is 1-D [L'] for its [1, H, L, L] attention, as are [H, L, L] and [L, L]
+    assert fastv_keep_indexes(attn, 2, 4, keep_ratio=0.5).tolist() == [0, 1, 3, 5, 6, 7]
     assert fastv_keep_indexes(attn[0], 2, 4, keep_ratio=0.5).tolist() == [0, 1, 3, 5, 6, 7]
+    assert fastv_keep_indexes(attn[0].mean(0), 2, 4, keep_ratio=0.5).tolist() == [0, 1, 3, 5, 6, 7]
     # all equal -> ties go to the lower index
     attn[0, :, -1, 2:6] = 0.25
-    assert fastv_keep_indexes(attn, 2, 4, keep_ratio=0.5).tolist() == [[0, 1, 2, 3, 6, 7]]
+    assert fastv_keep_indexes(attn, 2, 4, keep_ratio=0.5).tolist() == [0, 1, 2, 3, 6, 7]
+
+
+def test_fastv_keep_indexes_is_a_drop_in_for_fastv_hidden_states():
+    # FastV: hidden_states[:, keep_indexs, :] on [1, L, D] and position_ids = keep_indexs.unsqueeze(0)
+    torch.manual_seed(0)
+    attn = torch.rand(1, 3, 10, 10).softmax(-1)
+    hidden = torch.randn(1, 10, 5)
+    keep_indexs = fastv_keep_indexes(attn, 2, 6, keep_ratio=0.5)
+    assert keep_indexs.shape == (10 - 6 + 3,)
+    assert hidden[:, keep_indexs, :].shape == (1, 7, 5)
+    assert keep_indexs.unsqueeze(0).shape == (1, 7)
+    # the K best image tokens of FastV's score (head mean, last query row), then sorted
+    top = attn.mean(dim=1)[0][-1][2:8].topk(3).indices + 2
+    expect = torch.cat((torch.arange(2), top, torch.arange(8, 10))).sort().values
+    assert torch.equal(keep_indexs, expect)
+
+
+def test_fastv_keep_indexes_refuses_a_batch_and_bad_spans():
+    with pytest.raises(ValueError, match="batch of 2 sequences"):
+        fastv_keep_indexes(torch.rand(2, 1, 8, 8), 2, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        fastv_keep_indexes(torch.rand(1, 1, 8, 8), 6, 4)
+    with pytest.raises(ValueError, match="attention must be"):
+        fastv_keep_indexes(torch.rand(1, 1, 8, 7), 2, 4)
+
+
+def test_pruning_min_keep_default_reproduces_the_replaced_codes_k():
+    # min_keep=1: K = round(N * ratio) as FastV / ToMe compute it, even below reduce's floor of 32
+    scores = torch.arange(20.0)
+    assert select_with_scores(scores, [20], keep_ratio=0.5).numel() == 10
+    assert select_with_scores(scores, [20], keep_ratio=0.5, min_keep=32).numel() == 20
+    attn = torch.rand(1, 1, 24, 24)
+    assert fastv_keep_indexes(attn, 2, 20, keep_ratio=0.5).numel() == 4 + 10
+    assert fastv_keep_indexes(attn, 2, 20, keep_ratio=0.5, min_keep=16).numel() == 4 + 16
 
 
 def test_fastv_with_windows_on_a_grid():
     attn = torch.zeros(1, 1, 19, 19)
     attn[0, 0, -1, 1:17] = SCORES  # 1 text token, a 4 x 4 image, 2 text tokens
     kept = fastv_keep_indexes(attn, 1, 16, keep=4, grid=(4, 4), window=2)
-    assert kept.tolist() == [[0] + [1 + i for i in (0, 6, 8, 10)] + [17, 18]]
+    assert kept.tolist() == [0] + [1 + i for i in (0, 6, 8, 10)] + [17, 18]
 
 
 def tokens_4():

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The test command: sets up .venv, builds everything from scratch, runs every check.
 #   bash tools/test.sh            # from a fresh clone, on Linux with python3 (venv) + g++
-# Steps: build (tools/setup.sh) -> ptxas report when CUDA kernels were built -> pytest
-# (tests/, Triton kernels under TRITON_INTERPRET=1) -> benchmark smoke run -> the bf16
-# micro-kernel check -> libtorch CMake build and its ctest -> vLLM serving (.venv-vllm, tests/vllm).
+# Steps: build (tools/setup.sh) -> lint (tools/lint.sh) -> ptxas report when CUDA kernels
+# were built -> pytest (tests/, Triton kernels under TRITON_INTERPRET=1; tests/test_readme.py
+# runs the README) -> benchmark smoke run -> the bf16 micro-kernel check -> Triton ptxas
+# report, gpu_check.sh --dry-run, the torch matrix (G2TR_TORCH_MATRIX=1) -> libtorch CMake
+# build and its ctests (the dispatcher test, the merge splits, the README's C++ block) -> the wheel check
+# -> vLLM serving (.venv-vllm, tests/vllm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
 bash tools/setup.sh
 PY="$VENV/bin/python"
+# Lint first (seconds): ruff and clang-format as configured in pyproject.toml / .clang-format.
+bash tools/lint.sh
 
 if "$PY" -c "import g2tr_kernels, sys; sys.exit('cuda' not in g2tr_kernels.build_info()['backends'])"; then
   "$PY" tools/ptxas_report.py build/pip-build.log --out build/ptxas_report.md --so "g2tr_kernels/_C*.so"
@@ -29,6 +34,18 @@ run_pytest -q benchmarks --benchmark-disable
 # (a no-op on CPUs without AVX512-BF16).
 "$PY" tests/cpp/dot_argmax_check.py --no-bench
 
+# GPU readiness without a GPU (issue 11): the Triton kernels compiled offline for sm_80 and
+# sm_90 as their launchers launch them (D = 3584, 3583, 17; three dtypes), zero spills; then
+# tools/gpu_check.sh --dry-run: the build it makes on a GPU machine (CPU part, outside the
+# tree), CPU runs of its Python steps on tiny shapes, the report skeleton.
+env -u TRITON_INTERPRET "$PY" tools/ptxas_report.py --triton --out build/triton_ptxas_report.md
+G2TR_PYTHON="$PY" bash tools/gpu_check.sh --dry-run
+# Other torch releases (2.11.0: the lent GPU machine's; 2.15.0: the newest): own venvs,
+# two wheels each from PyPI, the kernel test subset. .ci/run sets G2TR_TORCH_MATRIX=1.
+if [ "${G2TR_TORCH_MATRIX:-0}" = 1 ]; then
+  G2TR_VENV="$VENV" bash tools/torch_matrix.sh
+fi
+
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 CMAKE_ARGS=(-S . -B build/cmake -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}")
@@ -41,6 +58,12 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 "$VENV/bin/cmake" "${CMAKE_ARGS[@]}" > build/cmake-configure.log 2>&1 || { tail -n 40 build/cmake-configure.log; exit 1; }
 "$VENV/bin/cmake" --build build/cmake -j2 > build/cmake-build.log 2>&1 || { tail -n 40 build/cmake-build.log; exit 1; }
 "$VENV/bin/ctest" --test-dir build/cmake --output-on-failure
+
+# Packaging: sdist + wheel (`python -m build --no-isolation`), the wheel installed with its
+# [bench] extra into a fresh venv beside torch, `g2tr info` and a small `g2tr bench` from
+# outside the clone; reuses the extension built above, no second compile (224 s measured on
+# 2 cores at load average ~16).
+bash tools/wheel_check.sh
 
 # vLLM serving (issue 13): vLLM for the CPU and this package in .venv-vllm (tools/vllm_env.sh,
 # idempotent), then tests/vllm there. -P: the copy installed in that venv (with the

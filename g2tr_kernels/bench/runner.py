@@ -49,6 +49,10 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         if found:
             cpu = found.group(1).strip()
+        # The model name alone does not tell EPYC generations apart (family 25 model 17 is Zen 4).
+        family, model = (re.search(rf"^{key}\s*:\s*(\d+)$", text, re.M) for key in ("cpu family", "model"))
+        if family and model:
+            cpu = f"{cpu}, family {family.group(1)} model {model.group(1)}"
         found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
         if found:
             present = set(found.group(1).split())

@@ -3,12 +3,14 @@
 The selection and the merge of G2TR are ops of their own (g2tr_kernels.balanced_topk /
 merge); these helpers put them behind the call shapes that FastV- and ToMe-style code uses.
 
-FastV (drop the least-attended image tokens after layer K)::
+FastV (drop the least-attended image tokens after layer K; batch 1, as FastV's code)::
 
+    # last_layer_attention: [1, H, L, L] -> keep_indexs: [L'], sorted, as FastV builds it
     keep_indexs = fastv_keep_indexes(last_layer_attention, image_start, image_len, keep_ratio=0.5)
     # W-FastV: at most ceil(K / #windows) per w x w window of the h x w image grid, then fill
     keep_indexs = fastv_keep_indexes(attn, image_start, image_len, 0.5, grid=(24, 24), window=4)
-    hidden_states = hidden_states[:, keep_indexs]
+    hidden_states = hidden_states[:, keep_indexs, :]      # [1, L', D]
+    position_ids = keep_indexs.unsqueeze(0)
 
 ToMe (merge instead of drop; any score decides which tokens stay)::
 
@@ -21,6 +23,12 @@ last), take one while its cell has room, until K; then fill with the best of the
 kept indices ascending. Cells: none (plain top-K), G2TR anchor cells (one per cell), or
 W-FastV windows (ceil(K / #windows) per window). Merge: every dropped token joins its most
 cosine-similar kept token of the same image (ties: lower index).
+
+K per image: `keep` when given, else min(N, max(min_keep, round_half_even(N * keep_ratio))).
+min_keep defaults to 1 here, not to reduce's 32: these helpers stand in for FastV / ToMe
+code whose K is round(N * ratio) with no floor, so the default reproduces that K (pass
+`keep=` for FastV's exact int(N * ratio) when N * ratio is not an integer, or
+`min_keep=32` for G2TR's floor).
 """
 from __future__ import annotations
 
@@ -155,26 +163,41 @@ def fastv_keep_indexes(
     cell_grid: Optional[Grid] = None,
     query: str = "last",
     keep: Optional[int] = None,
+    min_keep: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """FastV's keep_indexs: every text position plus the K best image tokens, ascending.
+    """FastV's keep_indexs: every text position plus the K best image tokens, ascending, [L - image_len + K].
 
-    Returns [L - image_len + K] for a 2-D/3-D attention (batch 1, as FastV's code), else
-    [B, L - image_len + K]. window (with grid) gives W-FastV, cell_grid (with grid) G2TR's
-    balanced rule on the attention score.
+    attention: one layer's weights, [1, H, L, L] as FastV's LlamaModel gets them
+    (output_attentions=True), or [H, L, L] / [L, L]. FastV keeps one index list for the
+    whole batch (its code reads batch 0), so a batch of more than one sequence is refused
+    rather than silently pruned by the first row: score each row with fastv_scores and
+    select with select_with_scores instead. The result indexes dim 1 of FastV's
+    hidden_states ([1, L, D] -> hidden_states[:, keep_indexs, :]) and is its new
+    position_ids once unsqueezed. window (with grid) gives W-FastV, cell_grid (with grid)
+    G2TR's balanced rule on the attention score.
     """
-    scores = fastv_scores(attention, image_start, image_len, query)
-    b, length = scores.shape[0], attention.shape[-1]
-    grids = None if grid is None else [tuple(grid)] * b
+    op = "g2tr.pruning.fastv_keep_indexes"
+    if attention.dim() not in (2, 3, 4) or attention.shape[-1] != attention.shape[-2]:
+        raise ValueError(f"{op}: attention must be [1, H, L, L], [H, L, L] or [L, L], got {list(attention.shape)}")
+    if attention.dim() == 4 and attention.shape[0] != 1:
+        raise ValueError(
+            f"{op}: attention holds a batch of {attention.shape[0]} sequences; FastV's keep_indexs is one index "
+            "list for batch 1. Use fastv_scores (one row per sequence) with select_with_scores for a batch"
+        )
+    length = attention.shape[-1]
+    if not (0 <= image_start and image_len >= 1 and image_start + image_len <= length):
+        raise ValueError(f"{op}: image tokens [{image_start}, {image_start + image_len}) do not fit in L = {length}")
+    scores = fastv_scores(attention, image_start, image_len, query)[0]
     kept = select_with_scores(
-        scores.reshape(-1), [image_len] * b, keep_ratio, keep, grids,
-        None if cell_grid is None else [tuple(cell_grid)] * b, window, 1, backend,
+        scores, [image_len], keep_ratio, keep, None if grid is None else [tuple(grid)],
+        None if cell_grid is None else [tuple(cell_grid)], window, min_keep, backend,
     )
-    kept = kept.reshape(b, -1) - torch.arange(b, device=kept.device)[:, None] * image_len + image_start
-    before = torch.arange(image_start, device=kept.device).expand(b, -1)
-    after = torch.arange(image_start + image_len, length, device=kept.device).expand(b, -1)
-    out = torch.cat([before, kept, after], dim=1)
-    return out[0] if attention.dim() < 4 else out
+    device = kept.device
+    return torch.cat([
+        torch.arange(image_start, device=device), kept + image_start,
+        torch.arange(image_start + image_len, length, device=device),
+    ])
 
 
 # -- ToMe ----------------------------------------------------------------------------------
