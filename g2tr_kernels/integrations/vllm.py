@@ -39,7 +39,9 @@ from .. import ops
 # Architecture name in an HF config -> the subclass that serves it with G2TR.
 MODELS = {
     "LlavaForConditionalGeneration": "g2tr_kernels.integrations.vllm_models:G2TRLlavaForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "g2tr_kernels.integrations.vllm_models:G2TRQwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": (
+        "g2tr_kernels.integrations.vllm_models:G2TRQwen2_5_VLForConditionalGeneration"
+    ),
 }
 KEY = "g2tr"
 SERVING_KEYS = ("keep_ratio", "min_keep", "merge_weight", "vae", "pool", "patch", "sample", "vae_dtype", "backend")
@@ -78,7 +80,8 @@ def serving_config(hf_config: Any) -> Optional[ServingConfig]:
         raise ValueError(f"g2tr.vllm: unknown keys {unknown} in hf_overrides['{KEY}']; known: {list(SERVING_KEYS)}")
     if not raw.get("vae"):
         raise ValueError(
-            f"g2tr.vllm: hf_overrides['{KEY}'] needs 'vae': the folder of a diffusers VAE whose latents give the anchors"
+            f"g2tr.vllm: hf_overrides['{KEY}'] needs 'vae': the folder of a diffusers VAE whose latents give "
+            "the anchors"
         )
     vae = str(raw["vae"])
     if not os.path.isdir(vae):

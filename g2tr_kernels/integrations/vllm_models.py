@@ -47,7 +47,8 @@ def _processor_norm(model_config) -> Tuple[List[float], List[float]]:
             f"g2tr.vllm: the image processor {type(processor).__name__} has no image_mean / image_std, so its pixels "
             "cannot be mapped back to the VAE's input range"
         )
-    if getattr(processor, "do_rescale", True) and abs(float(getattr(processor, "rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+    rescale = float(getattr(processor, "rescale_factor", 1 / 255))
+    if getattr(processor, "do_rescale", True) and abs(rescale - 1 / 255) > 1e-12:
         raise ValueError("g2tr.vllm: the image processor rescales by something other than 1/255; refusing to guess")
     return list(mean), list(std)
 
@@ -250,7 +251,8 @@ class G2TRQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         cu = out.cu_seqlens.tolist()
         offset = 0
         for b, ((h, w), rows) in enumerate(zip(grids, pieces)):
-            if rows.dtype in (torch.bfloat16, torch.float16) and max(h, w) > (256 if rows.dtype == torch.bfloat16 else 2048):
+            exact = {torch.bfloat16: 256, torch.float16: 2048}.get(rows.dtype)
+            if exact is not None and max(h, w) > exact:
                 raise ValueError(
                     f"g2tr.vllm: Qwen2.5-VL image {b}: a {h} x {w} grid's positions are not exact in {rows.dtype} "
                     "embedding channels (vLLM's pruning layout); serve in float32 or use smaller images"

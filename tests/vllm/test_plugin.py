@@ -85,8 +85,9 @@ def test_reducer_refuses_tokens_off_the_grid(models):
 
 
 def test_reducer_matches_g2tr_kernels(models):
-    import g2tr_kernels
     from diffusers import AutoencoderKL
+
+    import g2tr_kernels
     from g2tr_kernels.anchors import anchors_from_vae
 
     cfg = plugin.serving_config(type("C", (), {"g2tr": {"min_keep": 4, "vae": models["vae"], "pool": 2}})())

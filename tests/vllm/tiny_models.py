@@ -26,7 +26,8 @@ def _tokenizer(folder: str, specials: Sequence[str], template_placeholder: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", "<pad>", *specials, "USER:", "ASSISTANT:", *WORDS])}
+    words = ["<unk>", "<s>", "</s>", "<pad>", *specials, "USER:", "ASSISTANT:", *WORDS]
+    vocab = {tok: i for i, tok in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
@@ -56,8 +57,14 @@ def _fix_vision_prefix(folder: str, old: str, new: str) -> None:
 
 def build_llava(folder: str, image_size: int = 64, patch_size: int = 8, seed: int = 0) -> str:
     """A LLaVA-1.5 layout: CLIP tower (2 layers) + 2-layer MLP projector + 2-layer Llama."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     os.makedirs(folder, exist_ok=True)
     tok = _tokenizer(folder, ["<image>"], "<image>")
@@ -93,8 +100,13 @@ def build_llava(folder: str, image_size: int = 64, patch_size: int = 8, seed: in
 
 def build_qwen2_5_vl(folder: str, min_pixels: int = 112 * 112, max_pixels: int = 224 * 224, seed: int = 0) -> str:
     """Qwen2.5-VL: a 2-block windowed ViT (patch 14, merge 2) + 2-layer Qwen2 with M-RoPE."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     os.makedirs(folder, exist_ok=True)
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -133,7 +145,7 @@ def _widen(model, seed: int) -> None:
     """Random init gives near-flat logits (ties across implementations); spread them out."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1]) ** 0.5)
 
@@ -232,7 +244,8 @@ def llava_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio
         embeds = model.get_input_embeddings()(reduced[None]).clone()
         embeds[0, start:start + k] = out.merged
         tokens, logprobs = _greedy(model, embeds, steps)
-    return {"tokens": tokens, "logprobs": logprobs, "prompt_len": int(reduced.numel()), "n": n, "k": k, "text_len": int(ids.numel()) - n}
+    return {"tokens": tokens, "logprobs": logprobs, "prompt_len": int(reduced.numel()), "n": n, "k": k,
+            "text_len": int(ids.numel()) - n}
 
 
 def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio: float, min_keep: int,
@@ -283,7 +296,7 @@ def qwen_reference(folder: str, vae_folder: str, prompt: str, image, keep_ratio:
         is_image = (ids == cfg.image_token_id).tolist()
         starts = [i for i, v in enumerate(is_image) if v and (i == 0 or not is_image[i - 1])]
         assert len(starts) == len(grids)
-        keep, pieces, offset, cursor = [], [], 0, 0
+        keep, offset, cursor = [], 0, 0
         cu = out.cu_seqlens.tolist()
         for b, (start, n) in enumerate(zip(starts, lengths)):
             keep.append(torch.arange(cursor, start))
@@ -338,5 +351,7 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f)
 
 
-__all__ = ["run_engine", "build_llava", "build_qwen2_5_vl", "build_vae", "llava_reference", "qwen_reference", "make_image"]
+__all__ = [
+    "build_llava", "build_qwen2_5_vl", "build_vae", "llava_reference", "make_image", "qwen_reference", "run_engine",
+]
 
