@@ -21,11 +21,7 @@ def _prompts():
 @pytest.fixture(scope="module")
 def runs(models):
     g2tr = {"keep_ratio": KEEP, "min_keep": MIN_KEEP, "pool": POOL, "vae": models["vae"]}
-    return {
-        "g2tr": tm.run_engine(models["llava"], _prompts(), g2tr=g2tr, max_tokens=STEPS),
-        "keep1": tm.run_engine(models["llava"], _prompts(), g2tr={**g2tr, "keep_ratio": 1.0}, max_tokens=STEPS),
-        "stock": tm.run_engine(models["llava"], _prompts(), g2tr=None, max_tokens=STEPS),
-    }
+    return tm.engine_runs(models["llava"], _prompts, g2tr, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ and benchmarks/bench_vllm.py compare against one implementation.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Sequence
 
@@ -346,12 +345,17 @@ def run_engine(model: str, prompts, g2tr=None, max_tokens: int = 8, **kwargs):
         gc.collect()
 
 
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
+def engine_runs(model: str, prompts_fn, g2tr: dict, steps: int) -> dict:
+    """The three engines each model's tests compare: G2TR as given, G2TR at keep 1.0, no key."""
+    return {
+        "g2tr": run_engine(model, prompts_fn(), g2tr=g2tr, max_tokens=steps),
+        "keep1": run_engine(model, prompts_fn(), g2tr={**g2tr, "keep_ratio": 1.0}, max_tokens=steps),
+        "stock": run_engine(model, prompts_fn(), g2tr=None, max_tokens=steps),
+    }
 
 
 __all__ = [
     "build_llava", "build_qwen2_5_vl", "build_vae", "llava_reference", "make_image", "qwen_reference", "run_engine",
+    "engine_runs",
 ]
 
