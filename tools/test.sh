@@ -5,8 +5,8 @@
 # were built -> pytest (tests/, Triton kernels under TRITON_INTERPRET=1; tests/test_readme.py
 # runs the README) -> benchmark smoke run -> the bf16 micro-kernel check -> Triton ptxas
 # report, gpu_check.sh --dry-run, the torch matrix (G2TR_TORCH_MATRIX=1) -> libtorch CMake
-# build and its ctests (the dispatcher test, the merge splits, the README's C++ block) -> the wheel check ->
-# (G2TR_SANITIZE=1) the ASan+UBSan run.
+# build and its ctests (the dispatcher test, the merge splits, the README's C++ block) -> the wheel check
+# -> vLLM serving (.venv-vllm, tests/vllm) -> (G2TR_SANITIZE=1) the ASan+UBSan run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
@@ -75,6 +75,18 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 # outside the clone; reuses the extension built above, no second compile (224 s measured on
 # 2 cores at load average ~16).
 bash tools/wheel_check.sh
+
+# vLLM serving (issue 13): vLLM for the CPU and this package in .venv-vllm (tools/vllm_env.sh,
+# idempotent), then tests/vllm there. -P: the copy installed in that venv (with the
+# vllm.general_plugins entry point vLLM loads), not the working tree's.
+bash tools/vllm_env.sh
+rc=0
+"${G2TR_VLLM_VENV:-.venv-vllm}/bin/python" -P -m pytest -q tests/vllm || rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests in tests/vllm: that is a failure here" >&2
+  exit 1
+fi
+[ "$rc" -eq 0 ] || exit "$rc"
 
 # The C++ CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: their ctest and
 # the Python tests that attack the raw ops, fuzz cases included (tools/sanitize.sh). Two
