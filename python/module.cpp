@@ -17,19 +17,22 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "g2tr_kernels native library: registers torch.ops.g2tr";
-  m.def("build_info", [] {
-    py::dict info;
-    info["version"] = G2TR_VERSION;
-    py::list backends;
-    backends.append("cpu");
+  m.def(
+      "build_info",
+      [] {
+        py::dict info;
+        info["version"] = G2TR_VERSION;
+        py::list backends;
+        backends.append("cpu");
 #ifdef G2TR_WITH_CUDA
-    backends.append("cuda");
+        backends.append("cuda");
 #endif
-    info["backends"] = backends;
-    info["cuda_archs"] = std::string(G2TR_CUDA_ARCHS);
-    info["openmp_threads"] = at::get_num_threads();
-    info["parallel_backend"] = at::get_parallel_info();
-    info["cpu_bf16_merge"] = g2tr::cpu::dot_argmax_bf16_supported() ? "avx512_bf16" : "fp32 gemm";
-    return info;
-  }, "Version, compiled backends, CUDA archs, OpenMP threads and the CPU merge path of this build.");
+        info["backends"] = backends;
+        info["cuda_archs"] = std::string(G2TR_CUDA_ARCHS);
+        info["openmp_threads"] = at::get_num_threads();
+        info["parallel_backend"] = at::get_parallel_info();
+        info["cpu_bf16_merge"] = g2tr::cpu::dot_argmax_bf16_supported() ? "avx512_bf16" : "fp32 gemm";
+        return info;
+      },
+      "Version, compiled backends, CUDA archs, OpenMP threads and the CPU merge path of this build.");
 }

@@ -17,6 +17,7 @@ import torch
 import g2tr_kernels as g2tr
 from g2tr_kernels import _native
 from g2tr_kernels._registry import NAMES
+
 from helpers import (
     DTYPE_IDS,
     DTYPES,

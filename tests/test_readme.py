@@ -138,6 +138,7 @@ def _hf(ns):
     pytest.importorskip("diffusers")
     import diffusers
     import transformers
+
     import test_hf
     from helpers import tiny_vae
 

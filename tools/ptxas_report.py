@@ -71,7 +71,7 @@ def parse_log(text: str) -> Report:
         if m:
             entry = (m.group(1), m.group(2))
             arch = m.group(2)
-            current = report.entries.setdefault(entry, Usage())
+            report.entries.setdefault(entry, Usage())
             properties_of = None
             continue
         m = PROPERTIES.search(line)

@@ -11,8 +11,8 @@ namespace g2tr::cpu {
 // when inv_norms is not null, inv_norms[i] = 1 / max(|token i|, eps): one pass over
 // the tokens, whose norms the merge reuses.
 template <typename T>
-void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores,
-                  int64_t* cells, float* inv_norms);
+void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores, int64_t* cells,
+                  float* inv_norms);
 
 // Kept indices of every image (global, ascending) into keep_idx[kept_begin[b] ...].
 void select_tokens(const float* scores, const int64_t* cells, const Images& im, const int64_t* cell_counts,

@@ -21,7 +21,7 @@ namespace g2tr::cpu {
 namespace {
 
 constexpr int64_t kRowTile = 128;  // dropped rows per fp32 GEMM tile: large enough for an efficient sgemm, its
-                                    // 128 x K similarity tile (1.2 MB at K = 2450) small enough for L2/L3
+                                   // 128 x K similarity tile (1.2 MB at K = 2450) small enough for L2/L3
 
 // Dropped rows per task of the bf16 kernel: large, so each packed panel of kept rows is
 // reused from L2 by many rows (dot_argmax.cpp blocks 192 rows), yet at least two tasks
@@ -34,8 +34,8 @@ int64_t bf16_rows_per_task(int64_t m) {
 // Best kept column of each dropped row, fp32 GEMM per tile; same value and tie rule as
 // dot_argmax_rows: value = (dot * b_scale[j]) * a_scale[i], strict > keeps the lowest j.
 template <typename T>
-void assign_generic(const T* rows, int64_t dim, const std::vector<int64_t>& dropped,
-                    const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
+void assign_generic(const T* rows, int64_t dim, const std::vector<int64_t>& dropped, const std::vector<int64_t>& kept,
+                    const float* a_scale, const float* b_scale, int64_t* best) {
   const int64_t m = dropped.size(), n = kept.size();
   auto kept_rows = at::empty({n, dim}, at::kFloat);
   float* kr = kept_rows.data_ptr<float>();
@@ -79,8 +79,8 @@ void assign_bf16(const c10::BFloat16* rows, int64_t dim, const std::vector<int64
     std::vector<float> best_val(rows_per_task);
     for (int64_t t = task_begin; t < task_end; ++t) {
       const int64_t r0 = t * rows_per_task, rows_here = std::min(rows_per_task, m - r0);
-      dot_argmax_rows(rows, dim, dropped.data() + r0, rows_here, packed, n, dim, a_scale + r0, b_scale,
-                      best + r0, best_val.data());
+      dot_argmax_rows(rows, dim, dropped.data() + r0, rows_here, packed, n, dim, a_scale + r0, b_scale, best + r0,
+                      best_val.data());
     }
   });
 }
@@ -111,7 +111,7 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
     for (int64_t r = 0, prev = -1; r < k; ++r) {
       const int64_t t = keep_idx[out0 + r] - first;
       TORCH_CHECK_VALUE(t > prev && t < n, "g2tr.merge: keep_idx of image ", b, " must be strictly ascending within [",
-                  first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
+                        first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
       for (int64_t d = prev + 1; d < t; ++d) dropped.push_back(d);
       kept[r] = t;
       prev = t;
@@ -161,9 +161,8 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
   }
 }
 
-#define G2TR_INSTANTIATE(T)                                                                                  \
-  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*, T*, \
-                                int64_t*);
+#define G2TR_INSTANTIATE(T) \
+  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*, T*, int64_t*);
 G2TR_INSTANTIATE(float)
 G2TR_INSTANTIATE(c10::BFloat16)
 G2TR_INSTANTIATE(c10::Half)
@@ -172,8 +171,7 @@ G2TR_INSTANTIATE(c10::Half)
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& tokens_in, const at::Tensor& keep_idx_in,
-                                             c10::IntArrayRef lengths, c10::IntArrayRef budgets,
-                                             double merge_weight) {
+                                             c10::IntArrayRef lengths, c10::IntArrayRef budgets, double merge_weight) {
   const Images im = check_merge("g2tr.merge", tokens_in, keep_idx_in, lengths, budgets, merge_weight);
   const at::Tensor tokens = tokens_in.contiguous(), keep_idx = keep_idx_in.contiguous();
   auto merged = at::empty({im.kept_begin.back(), tokens.size(1)}, tokens.options());

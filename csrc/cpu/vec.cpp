@@ -2,9 +2,9 @@
 //
 // Sums are accumulated in kLanes independent partial sums combined in a fixed tree, so
 // the compiler may vectorise them (no reassociation needed) and, with FMA contraction off
-// (setup.py: -ffp-contract=off), the result does not depend on the vector width. target_clones builds an AVX-512 and an AVX2 copy beside
-// the portable one, chosen once at load time; a machine always runs the same copy, so
-// results are bitwise reproducible.
+// (setup.py: -ffp-contract=off), the result does not depend on the vector width. target_clones builds an AVX-512 and an
+// AVX2 copy beside the portable one, chosen once at load time; a machine always runs the same copy, so results are
+// bitwise reproducible.
 #include "vec.h"
 
 #include <cstring>
@@ -89,23 +89,22 @@ G2TR_INLINE float sumsq_impl(const T* x, int64_t d) {
 
 }  // namespace
 
-#define G2TR_DEFINE_ROW_KERNELS(T)                                                                       \
-  G2TR_CLONES void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq,         \
-                                  float* y_sumsq) {                                                      \
-    dot_and_sumsqs_impl(x, y, d, dot, x_sumsq, y_sumsq);                                                 \
-  }                                                                                                      \
-  G2TR_CLONES float sumsq(const T* x, int64_t d) { return sumsq_impl(x, d); }                            \
-  G2TR_CLONES void scale_row(float* acc, const T* x, float s, int64_t d) {                               \
-    for (int64_t i = 0; i < d; ++i) acc[i] = widen(x[i]) * s;                                            \
-  }                                                                                                      \
-  G2TR_CLONES void add_row(float* acc, const T* x, int64_t d) {                                          \
-    for (int64_t i = 0; i < d; ++i) acc[i] += widen(x[i]);                                               \
-  }                                                                                                      \
-  G2TR_CLONES void widen_row(float* out, const T* x, int64_t d) {                                        \
-    for (int64_t i = 0; i < d; ++i) out[i] = widen(x[i]);                                                \
-  }                                                                                                      \
-  G2TR_CLONES void divide_row(T* out, const float* acc, float count, int64_t d) {                        \
-    for (int64_t i = 0; i < d; ++i) narrow(out + i, acc[i] / count);                                     \
+#define G2TR_DEFINE_ROW_KERNELS(T)                                                                                 \
+  G2TR_CLONES void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq, float* y_sumsq) { \
+    dot_and_sumsqs_impl(x, y, d, dot, x_sumsq, y_sumsq);                                                           \
+  }                                                                                                                \
+  G2TR_CLONES float sumsq(const T* x, int64_t d) { return sumsq_impl(x, d); }                                      \
+  G2TR_CLONES void scale_row(float* acc, const T* x, float s, int64_t d) {                                         \
+    for (int64_t i = 0; i < d; ++i) acc[i] = widen(x[i]) * s;                                                      \
+  }                                                                                                                \
+  G2TR_CLONES void add_row(float* acc, const T* x, int64_t d) {                                                    \
+    for (int64_t i = 0; i < d; ++i) acc[i] += widen(x[i]);                                                         \
+  }                                                                                                                \
+  G2TR_CLONES void widen_row(float* out, const T* x, int64_t d) {                                                  \
+    for (int64_t i = 0; i < d; ++i) out[i] = widen(x[i]);                                                          \
+  }                                                                                                                \
+  G2TR_CLONES void divide_row(T* out, const float* acc, float count, int64_t d) {                                  \
+    for (int64_t i = 0; i < d; ++i) narrow(out + i, acc[i] / count);                                               \
   }
 
 G2TR_DEFINE_ROW_KERNELS(float)

@@ -29,8 +29,8 @@ int choose_splits(const Images& im, int block_rows, int block_cols) {
     col_tiles = std::max(col_tiles, ceil_div(im.kept(b), block_cols));
   }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t wanted = (2 * static_cast<int64_t>(sms) + std::max<int64_t>(row_tiles, 1) - 1) /
-                         std::max<int64_t>(row_tiles, 1);
+  const int64_t wanted =
+      (2 * static_cast<int64_t>(sms) + std::max<int64_t>(row_tiles, 1) - 1) / std::max<int64_t>(row_tiles, 1);
   return static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(col_tiles, 65535)));
 }
 
@@ -50,14 +50,14 @@ void launch_assign_mma(const at::Tensor& tokens, const std::vector<ImageTable>& 
   const auto* x = reinterpret_cast<const uint16_t*>(tokens.const_data_ptr());
   const bool vectorized = vectorizable(dim, 2, x);
   // 60 KB of pipeline: above the 48 KB default, so opt in (per device, cheap, capturable).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(assign_mma_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      mma::kSmemBytes));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(assign_mma_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, mma::kSmemBytes));
   for (const ImageTable& table : tables) {
     const int row_tiles = max_dropped_tiles(table, mma::kBlockRows);
     if (row_tiles == 0) continue;
     const dim3 grid(row_tiles, splits, table.count);
-    assign_mma_kernel<kBf16><<<grid, mma::kThreads, mma::kSmemBytes, stream>>>(x, dim, vectorized, keep_idx,
-                                                                                 inv_norms, table, splits, partials);
+    assign_mma_kernel<kBf16><<<grid, mma::kThreads, mma::kSmemBytes, stream>>>(x, dim, vectorized, keep_idx, inv_norms,
+                                                                               table, splits, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -124,8 +124,8 @@ void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64
   for (const ImageTable& table : tables) {
     // Targets run up to the padding key K itself.
     const int target_end_bit = bit_width(static_cast<uint32_t>(max_kept(table)));
-    group_kernel<<<table.count, kGroupThreads, 0, stream>>>(keep_idx, table, splits, partials, target_end_bit,
-                                                            assign, groups);
+    group_kernel<<<table.count, kGroupThreads, 0, stream>>>(keep_idx, table, splits, partials, target_end_bit, assign,
+                                                            groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -137,7 +137,7 @@ void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64
     for (const ImageTable& table : tables) {
       const dim3 grid(max_kept(table), table.count);
       merge_rows_kernel<T><<<grid, kSumThreads, 0, stream>>>(x, dim, vectorized, keep_idx, table,
-                                                              static_cast<float>(merge_weight), groups, out);
+                                                             static_cast<float>(merge_weight), groups, out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -149,8 +149,7 @@ namespace {
 // the device (that would need a sync): a bad one gives unspecified rows, never an
 // out-of-bounds access; the CPU kernel raises instead.
 std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& tokens_in, const at::Tensor& keep_idx_in,
-                                              c10::IntArrayRef lengths, c10::IntArrayRef budgets,
-                                              double merge_weight) {
+                                              c10::IntArrayRef lengths, c10::IntArrayRef budgets, double merge_weight) {
   const char* op = "g2tr.merge";
   const Images im = check_merge(op, tokens_in, keep_idx_in, lengths, budgets, merge_weight);
   check_int_sizes(op, im);

@@ -25,11 +25,11 @@ except ImportError as error:  # triton is optional
 
 if IMPORT_ERROR is None:
     # Importing the modules registers the ops.
+    from .. import _autograd
     from . import anchor_scores as _anchor_scores  # noqa: F401
     from . import balanced_topk as _balanced_topk  # noqa: F401
     from . import merge as _merge  # noqa: F401
     from . import reduce as _reduce  # noqa: F401
-    from .. import _autograd
 
     _autograd.register("triton_")  # the Triton ops share the native ops' schemas and gradients
 
