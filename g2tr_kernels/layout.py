@@ -144,6 +144,8 @@ def rebuild_padded(
     label_pad_id: int = -100,
     position_pad_id: int = 0,
     padding_side: str = "right",
+    image_tokens: Optional[int] = None,
+    row_lengths: Optional[Sequence[int]] = None,
 ) -> PaddedLayout:
     """HF padded layout after G2TR.
 
@@ -152,6 +154,10 @@ def rebuild_padded(
     column is kept. position_ids may carry leading dims ([B, L] or e.g. [3, B, L]).
     padding_side="right" appends the new padding (training, plain forward); "left"
     prepends it, which keeps left-padded generation prompts left-padded.
+    image_tokens (the image tokens in input_ids) and row_lengths (each row's length after
+    the reduction), when the caller knows them on the host, make the rebuild read nothing
+    back from the device (no sync, torch.compile without graph breaks); keep_idx is then
+    trusted, not checked.
     """
     op = "g2tr.layout.rebuild_padded"
     if hasattr(keep_idx, "keep_idx"):
@@ -163,29 +169,43 @@ def rebuild_padded(
     b, length = input_ids.shape
     device = input_ids.device
     is_image = input_ids == image_token_id
-    total = int(is_image.sum())
     keep_idx = keep_idx.to(device=device, dtype=torch.long)
-    if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= total):
-        raise ValueError(
-            f"{op}: keep_idx points past the {total} image tokens (id {image_token_id}) of input_ids; "
-            "keep_idx must index the image tokens in row-major order"
-        )
-    kept_image = torch.zeros(total, dtype=torch.bool, device=device)
+    if image_tokens is None:
+        total = int(is_image.sum())
+        if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= total):
+            raise ValueError(
+                f"{op}: keep_idx points past the {total} image tokens (id {image_token_id}) of input_ids; "
+                "keep_idx must index the image tokens in row-major order"
+            )
+    else:
+        # Host-side sizes (the caller's reduce output): nothing below reads the device. Extra
+        # image tokens in input_ids clamp to the last one here and fail the model's own
+        # token / feature count check.
+        total = int(image_tokens)
+    kept_image = torch.zeros(max(total, 1), dtype=torch.bool, device=device)
     kept_image[keep_idx] = True
-    occurrence = (torch.cumsum(is_image.reshape(-1), 0) - 1).clamp(min=0).reshape(b, length)
+    occurrence = (torch.cumsum(is_image.reshape(-1), 0) - 1).clamp(min=0, max=max(total - 1, 0)).reshape(b, length)
     keep = ~is_image | kept_image[occurrence] if total else torch.ones_like(is_image)
 
     row_len = keep.sum(1)
-    new_len = int(row_len.max()) if b else 0
+    if row_lengths is None:
+        lengths = row_len.tolist()
+    else:
+        lengths = [int(n) for n in row_lengths]
+        if len(lengths) != b:
+            raise ValueError(f"{op}: row_lengths has {len(lengths)} entries for {b} rows")
+    new_len = max(lengths) if b else 0
     offset = (new_len - row_len) if padding_side == "left" else torch.zeros_like(row_len)
     column = torch.cumsum(keep.long(), 1) - 1 + offset[:, None]
-    rows, cols = torch.nonzero(keep, as_tuple=True)
-    target = column[rows, cols]
+    # Dropped columns go to a spare column past the end that is cut off: a scatter with a
+    # shape known on the host, where nonzero() would need the device's count.
+    target = torch.where(keep, column, new_len)
 
     def rebuild(values: torch.Tensor, fill) -> torch.Tensor:
-        out = values.new_full((*values.shape[:-2], b, new_len), fill)
-        out[..., rows, target] = values[..., rows, cols]
-        return out
+        lead = values.shape[:-2]
+        out = values.new_full((*lead, b, new_len + 1), fill)
+        out.scatter_(-1, target.expand(*lead, b, length), values.expand(*lead, b, length))
+        return out[..., :new_len]
 
     index = rebuild(torch.arange(length, device=device).expand(b, length), -1)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -208,8 +228,25 @@ def rebuild_padded(
         labels=new_labels,
         index=index,
         keep=keep,
-        lengths=row_len.tolist(),
+        lengths=lengths,
     )
+
+
+def gather_columns(values: torch.Tensor, index: torch.Tensor, fill=0) -> torch.Tensor:
+    """Any per-token tensor [..., B, L] taken at the kept columns: [..., B, L'].
+
+    index: PaddedLayout.index (the original column of each new column, -1 on new padding,
+    which gets `fill`). For inputs rebuild_padded does not name: token_type_ids,
+    mm_token_type_ids, 3-D M-RoPE position ids.
+    """
+    if values.shape[-2] != index.shape[0]:
+        raise ValueError(
+            f"g2tr.layout.gather_columns: values of shape {list(values.shape)} do not have the batch of the "
+            f"index {list(index.shape)}"
+        )
+    index = index.to(values.device)
+    taken = values.gather(-1, index.clamp(min=0).expand(*values.shape[:-2], *index.shape))
+    return taken.masked_fill(index < 0, fill)
 
 
 def image_runs(input_ids: torch.Tensor, image_token_id: int) -> List[List[int]]:
@@ -227,4 +264,4 @@ def image_runs(input_ids: torch.Tensor, image_token_id: int) -> List[List[int]]:
     return runs
 
 
-__all__ = ["PackedLayout", "PaddedLayout", "flattened_position_ids", "image_runs", "rebuild_packed", "rebuild_padded"]
+__all__ = ["PackedLayout", "PaddedLayout", "flattened_position_ids", "gather_columns", "image_runs", "rebuild_packed", "rebuild_padded"]

@@ -256,11 +256,17 @@ def test_apply_remove_and_refusals():
     with pytest.raises(ValueError, match="keep_ratio"):
         apply_g2tr(model, vae, keep_ratio=0.0)
 
-    class Qwen2VLLike:
-        config = type("Config", (), {"model_type": "qwen2_vl"})()
+    class UnknownVLM(torch.nn.Module):
+        config = type("Config", (), {"model_type": "qwen3_5", "image_token_id": IMG})()
 
-    with pytest.raises(NotImplementedError, match="RoPE"):
-        apply_g2tr(Qwen2VLLike(), vae)
+        def get_image_features(self, pixel_values):
+            return pixel_values
+
+        def forward(self, input_ids=None, pixel_values=None, mm_encoder_outputs=None):
+            return input_ids
+
+    with pytest.raises(NotImplementedError, match="qwen3_5 is not supported.*no row.*rebuild_padded"):
+        apply_g2tr(UnknownVLM(), vae)
 
 
 def test_wrong_number_of_vae_images_is_named():

@@ -478,7 +478,7 @@ ENTRY_POINTS = [  # beyond g2tr_kernels.__all__: what the integrations sections 
     "integrations.pruning.fastv_scores", "integrations.pruning.fastv_keep_indexes",
     "integrations.pruning.g2tr_soft_matching", "integrations.pruning.tome_style_merge",
     "integrations.pruning.window_cells",
-    "layout.rebuild_packed", "layout.rebuild_padded",
+    "layout.rebuild_packed", "layout.rebuild_padded", "layout.gather_columns",
     "viz.image_reduction", "viz.draw_reduction",
 ]
 

@@ -50,6 +50,7 @@ from helpers import (  # noqa: E402
 scores_mod = importlib.import_module("g2tr_kernels.triton.anchor_scores")
 topk_mod = importlib.import_module("g2tr_kernels.triton.balanced_topk")
 merge_mod = importlib.import_module("g2tr_kernels.triton.merge")
+common = importlib.import_module("g2tr_kernels.triton._common")
 
 SCORE_ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def test_ops_reject_bad_input():
 
 def test_compile_under_interpreter_raises():
     """torch.compile cannot trace interpreted kernels: a clear error, never a graph without them."""
-    if not topk_mod.interpreted():
+    if not common.interpreted():
         pytest.skip("kernels are compiled for the GPU in this process (TRITON_INTERPRET unset)")
     grids, anchor_grids = [(4, 4)], [(2, 2)]
     tokens, anchors = make_workload(grids, anchor_grids, 16, torch.float32, seed=15)
@@ -223,11 +224,17 @@ def test_compile_under_interpreter_raises():
 
 
 def _run_without_interpreter(code: str) -> subprocess.CompletedProcess:
-    """Runs code in a fresh interpreter where TRITON_INTERPRET is unset (TESTS: this folder)."""
+    """Runs code in a fresh interpreter where TRITON_INTERPRET is unset (TESTS: this folder).
+
+    The package this process imported comes first on the child's path (a build outside the
+    tree, as tools/gpu_check.sh makes, must not be shadowed by the sources in REPO)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    package_root = str(Path(g2tr.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH", ""), str(REPO)] if p)
     code = f"TESTS = {str(Path(__file__).resolve().parent)!r}\n" + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # cwd: the tests folder, so that the "" entry of sys.path (python -c) finds no package either.
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parent))
 
 
 def test_cpu_tensors_without_interpreter_raise():

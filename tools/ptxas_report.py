@@ -3,6 +3,7 @@
 
     python tools/ptxas_report.py build/pip-build.log --out build/ptxas_report.md
     python tools/ptxas_report.py build.log --so g2tr_kernels/_C.*.so   # also check the binary
+    python tools/ptxas_report.py --triton --out build/triton_ptxas_report.md  # the Triton kernels
 
 The log is the output of a build whose nvcc runs with -Xptxas=-v,-warn-spills (setup.py
 passes it; ninja prints each command's output, `pip install -v` keeps it). For every
@@ -11,6 +12,11 @@ frame and spill stores/loads, and prints one markdown table (a kernel per row, t
 side by side). With --so it also reads the machine code embedded in the library
 (cuobjdump --list-elf / --dump-resource-usage) and checks that every kernel of the log has
 SASS for every arch, with no local memory.
+
+With --triton it compiles the Triton kernels instead, offline (no GPU) for sm_80 and sm_90,
+as their launchers launch them at D = 3584 and 3583 in bf16 and fp32
+(tools/triton_offline.py), runs Triton's ptxas -v on each one's PTX and applies the same
+rule: every kernel and specialisation, zero spills.
 
 Exit status: 0 when clean; 1 on any spill (ptxas table or warning, or LOCAL > 0 in the
 binary), a kernel missing SASS for an arch, or an arch missing for a kernel; 2 when the
@@ -185,20 +191,30 @@ def pair(values: List[str]) -> str:
     return " / ".join(values)
 
 
-def markdown(report: Report, names: Dict[str, str], archs: List[str]) -> str:
+def markdown(report: Report, names: Dict[str, str], archs: List[str], triton: bool = False) -> str:
     kernels = sorted({k for k, _ in report.entries}, key=lambda k: names[k])
     head = "| kernel | registers | static smem (B) | barriers | stack (B) | spill stores (B) | spill loads (B) |"
-    lines = [
-        "# ptxas resource usage of the CUDA kernels",
-        "",
-        "Written by `tools/ptxas_report.py` from the `-Xptxas=-v` output of the build (see its",
-        "docstring). Per arch, in the order " + pair(archs) + "; '-' where a kernel has no code for",
-        "an arch. Static shared memory only: `assign_mma_kernel` also takes 61440 B of dynamic",
-        "shared memory (its 3-stage pipeline) at launch.",
-        "",
-        head,
-        "|" + "---|" * 7,
-    ]
+    if triton:
+        intro = [
+            "# ptxas resource usage of the Triton kernels",
+            "",
+            "Written by `tools/ptxas_report.py --triton`: each kernel compiled offline as its launcher",
+            "launches it (tools/triton_offline.py), labelled with the first case that compiled that",
+            "specialisation, ptxas -v on its PTX. Per arch, in the order " + pair(archs) + ". An odd D",
+            "(3583) runs the binaries of the rounded-up D (its rows are padded to 3584: the same",
+            "specialisation), so it has no rows of its own. Triton's shared memory is dynamic and",
+            "not in these numbers.",
+        ]
+    else:
+        intro = [
+            "# ptxas resource usage of the CUDA kernels",
+            "",
+            "Written by `tools/ptxas_report.py` from the `-Xptxas=-v` output of the build (see its",
+            "docstring). Per arch, in the order " + pair(archs) + "; '-' where a kernel has no code for",
+            "an arch. Static shared memory only: `assign_mma_kernel` also takes 61440 B of dynamic",
+            "shared memory (its 3-stage pipeline) at launch.",
+        ]
+    lines = intro + ["", head, "|" + "---|" * 7]
     for k in kernels:
         cols: List[List[str]] = [[] for _ in range(6)]
         for a in archs:
@@ -212,9 +228,25 @@ def markdown(report: Report, names: Dict[str, str], archs: List[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def triton_report(archs: Tuple[int, ...] = (80, 90)) -> Report:
+    """The Triton kernels' ptxas usage, one entry per (kernel specialisation, sm_XX)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import triton_offline
+
+    report = Report()
+    for (label, arch), text in triton_offline.ptxas_logs(archs).items():
+        one = parse_log(text)
+        for (_, _), usage in one.entries.items():
+            report.entries[(label, arch)] = usage
+        report.other_spills += [(label, arch, stores, loads) for _, _, stores, loads in one.other_spills]
+    return report
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("log", help="build log with the -Xptxas=-v output")
+    parser.add_argument("log", nargs="?", help="build log with the -Xptxas=-v output")
+    parser.add_argument("--triton", action="store_true",
+                        help="compile the Triton kernels offline for sm_80 and sm_90 and report those instead")
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--so", help="built library (glob allowed) whose SASS to check with cuobjdump")
     parser.add_argument("--archs", help="archs every kernel must have, e.g. sm_80,sm_90 (default: all archs in the log)")
@@ -222,15 +254,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="exit 0 when the log has no ptxas output (an incremental rebuild compiled nothing)")
     args = parser.parse_args(argv)
 
-    with open(args.log, errors="replace") as f:
-        report = parse_log(f.read())
+    if args.triton:
+        report = triton_report()
+        args.log = "the offline Triton compile"
+    elif args.log is None:
+        parser.error("give a build log, or --triton")
+    else:
+        with open(args.log, errors="replace") as f:
+            report = parse_log(f.read())
     if not report.entries:
         print(f"ptxas_report: no ptxas -v output in {args.log}: was the build a no-op? "
               "Remove the build directory and rebuild with -Xptxas=-v.", file=sys.stderr)
         return 0 if args.allow_empty else 2
     archs = args.archs.split(",") if args.archs else sorted({a for _, a in report.entries})
-    names = demangle(sorted({k for k, _ in report.entries} | {f for f, *_ in report.other_spills}))
-    table = markdown(report, names, archs)
+    all_names = sorted({k for k, _ in report.entries} | {f for f, *_ in report.other_spills})
+    names = {n: n for n in all_names} if args.triton else demangle(all_names)
+    table = markdown(report, names, archs, triton=args.triton)
     print(table, end="")
     problems: List[str] = []
     for (k, a), u in sorted(report.entries.items()):

@@ -3,8 +3,9 @@
 #   bash tools/test.sh            # from a fresh clone, on Linux with python3 (venv) + g++
 # Steps: build (tools/setup.sh) -> lint (tools/lint.sh) -> ptxas report when CUDA kernels
 # were built -> pytest (tests/, Triton kernels under TRITON_INTERPRET=1; tests/test_readme.py
-# runs the README) -> benchmark smoke run -> the bf16 micro-kernel check -> libtorch CMake
-# build and its ctests (the dispatcher test, the README's C++ block) -> the wheel check.
+# runs the README) -> benchmark smoke run -> the bf16 micro-kernel check -> Triton ptxas
+# report, gpu_check.sh --dry-run, the torch matrix (G2TR_TORCH_MATRIX=1) -> libtorch CMake
+# build and its ctests (the dispatcher test, the merge splits, the README's C++ block) -> the wheel check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
@@ -31,6 +32,18 @@ run_pytest -q benchmarks --benchmark-disable
 # The bf16 merge micro-kernel against a float64 reference on ~550 shapes, ties and NaNs
 # (a no-op on CPUs without AVX512-BF16).
 "$PY" tests/cpp/dot_argmax_check.py --no-bench
+
+# GPU readiness without a GPU (issue 11): the Triton kernels compiled offline for sm_80 and
+# sm_90 as their launchers launch them (D = 3584, 3583, 17; three dtypes), zero spills; then
+# tools/gpu_check.sh --dry-run: the build it makes on a GPU machine (CPU part, outside the
+# tree), CPU runs of its Python steps on tiny shapes, the report skeleton.
+env -u TRITON_INTERPRET "$PY" tools/ptxas_report.py --triton --out build/triton_ptxas_report.md
+G2TR_PYTHON="$PY" bash tools/gpu_check.sh --dry-run
+# Other torch releases (2.11.0: the lent GPU machine's; 2.15.0: the newest): own venvs,
+# two wheels each from PyPI, the kernel test subset. .ci/run sets G2TR_TORCH_MATRIX=1.
+if [ "${G2TR_TORCH_MATRIX:-0}" = 1 ]; then
+  G2TR_VENV="$VENV" bash tools/torch_matrix.sh
+fi
 
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

@@ -4,8 +4,9 @@
 // Workspace, all from the caching allocator on the current stream: the split partials
 // (splits x dropped rows, value + index), per kept row a count and an end, the grouped
 // dropped-token list, and the token norms when the caller has none. The split count is
-// chosen so that about two blocks per SM have work; it never changes a result (the
-// argmax order is total), only how the columns are shared out.
+// chosen so that about two blocks per SM have work and no split of an image is empty
+// (g2tr/merge_splits.h); it never changes a result (the argmax order is total), only how
+// the columns are shared out.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,18 +21,15 @@ namespace {
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Column splits of the assign launch: enough blocks for ~2 per SM, at most one tile each.
-int choose_splits(const Images& im, int block_rows, int block_cols) {
-  int64_t row_tiles = 0;
-  int col_tiles = 1;
+// Column splits of the assign launch (g2tr/merge_splits.h).
+int launch_splits(const Images& im, int block_rows, int block_cols) {
+  std::vector<int64_t> lengths(im.count()), kept(im.count());
   for (int64_t b = 0; b < im.count(); ++b) {
-    row_tiles += ceil_div(im.length(b) - im.kept(b), block_rows);
-    col_tiles = std::max(col_tiles, ceil_div(im.kept(b), block_cols));
+    lengths[b] = im.length(b);
+    kept[b] = im.kept(b);
   }
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t wanted =
-      (2 * static_cast<int64_t>(sms) + std::max<int64_t>(row_tiles, 1) - 1) / std::max<int64_t>(row_tiles, 1);
-  return static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(col_tiles, 65535)));
+  return choose_splits(lengths.data(), kept.data(), im.count(), block_rows, block_cols,
+                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 int max_dropped_tiles(const ImageTable& t, int block_rows) {
@@ -94,11 +92,12 @@ void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64
   const bool fp32 = tokens.scalar_type() == at::kFloat;
 
   int splits = 1;
+  const int block_cols = fp32 ? fma::kBlockCols : mma::kBlockCols;
   at::Tensor part_value, part_index;
   AssignPartials partials{nullptr, nullptr, dropped};
   if (dropped > 0) {
-    splits = fp32 ? choose_splits(im, fma::kBlockRows, fma::kBlockCols)
-                  : choose_splits(im, mma::kBlockRows, mma::kBlockCols);
+    splits = fp32 ? launch_splits(im, fma::kBlockRows, fma::kBlockCols)
+                  : launch_splits(im, mma::kBlockRows, mma::kBlockCols);
     part_value = at::empty({splits * dropped}, tokens.options().dtype(at::kFloat));
     part_index = at::empty({splits * dropped}, int_options);
     partials.value = part_value.data_ptr<float>();
@@ -124,8 +123,8 @@ void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64
   for (const ImageTable& table : tables) {
     // Targets run up to the padding key K itself.
     const int target_end_bit = bit_width(static_cast<uint32_t>(max_kept(table)));
-    group_kernel<<<table.count, kGroupThreads, 0, stream>>>(keep_idx, table, splits, partials, target_end_bit, assign,
-                                                            groups);
+    group_kernel<<<table.count, kGroupThreads, 0, stream>>>(keep_idx, table, splits, block_cols, partials,
+                                                            target_end_bit, assign, groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

@@ -4,7 +4,7 @@ Each token is read once: its dot product with the anchor of its cell and both sq
 norms accumulate in fp32 over D, whatever the input dtype. Besides the score and the
 local cell id, the kernel can write each token's inverse norm (the merge reuses it) and
 fold in the per-cell best: every token atomic_max-es its rank_key (score, then lower
-index; balanced_topk.py) into its cell's slot. Integer max does not depend on the order
+index; _common.py) into its cell's slot. Integer max does not depend on the order
 of the atomics, so the result is deterministic.
 
 score = (dot * inv_norm(token)) * inv_norm(anchor), inv_norm(x) = 1 / max(|x|, 1e-12),
@@ -20,14 +20,19 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .balanced_topk import image_table, interpreted, launchable, rank_key, starts
+from ._common import (
+    aligned_rows,
+    image_table,
+    interpreted,
+    inv_norm,
+    launch_guard,
+    launchable,
+    padded_width,
+    rank_key,
+    starts,
+)
 
 Pairs = Sequence[Tuple[int, int]]
-
-
-@triton.jit
-def inv_norm(sum_of_squares):
-    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), 1e-12))
 
 
 @triton.jit
@@ -39,7 +44,9 @@ def _score_kernel(
     cells,  # int64 [N] out
     inv_norms,  # fp32 [N] out (WRITE_NORMS)
     cell_best,  # int64 [total cells] in/out, starts at int64 min (CELL_BEST)
-    D,
+    D,  # columns to read: padded_width(D), zeros past the true D (_common.aligned_rows)
+    token_stride,  # row strides (multiples of 16)
+    anchor_stride,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WRITE_NORMS: tl.constexpr,
@@ -65,8 +72,8 @@ def _score_kernel(
     a_r = tl.minimum((local // w) * h_a // h, h_a - 1)
     a_c = tl.minimum((local % w) * w_a // w, w_a - 1)
     cell = a_r * w_a + a_c
-    token_row = (tok_begin + local).to(tl.int64) * D
-    anchor_row = (anchor_begin + cell).to(tl.int64) * D
+    token_row = (tok_begin + local).to(tl.int64) * token_stride
+    anchor_row = (anchor_begin + cell).to(tl.int64) * anchor_stride
 
     dot = tl.zeros([BLOCK_T], dtype=tl.float32)
     token_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -101,7 +108,7 @@ def score(
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launcher: (scores fp32 [N], cells int64 [N], inv_norms fp32 [N] or None,
     cell_best int64 [sum(h_a * w_a)] or None). grids / anchor_grids: (h, w) pairs."""
-    tokens, anchors = tokens.contiguous(), anchors.contiguous()
+    tokens, anchors = aligned_rows(tokens), aligned_rows(anchors)
     n_total, dim = tokens.shape
     device = tokens.device
     scores = torch.empty(n_total, dtype=torch.float32, device=device)
@@ -127,13 +134,14 @@ def score(
     if launchable(tokens, op):
         # Unused outputs get a one-element stand-in, never an alias of another argument
         # (torch.compile's functionalization would treat an alias as a second output).
-        wrap_triton(_score_kernel)[grid](
-            tokens, anchors, table, scores, cells,
-            inv_norms if inv_norms is not None else torch.empty(1, dtype=torch.float32, device=device),
-            cell_best if cell_best is not None else torch.empty(1, dtype=torch.int64, device=device),
-            dim, BLOCK_T=block_t, BLOCK_D=block_d,
-            WRITE_NORMS=inv_norms is not None, CELL_BEST=cell_best is not None, num_warps=4,
-        )
+        norms_arg = torch.empty(1, dtype=torch.float32, device=device) if inv_norms is None else inv_norms
+        best_arg = torch.empty(1, dtype=torch.int64, device=device) if cell_best is None else cell_best
+        with launch_guard(tokens):
+            wrap_triton(_score_kernel)[grid](
+                tokens, anchors, table, scores, cells, norms_arg, best_arg,
+                padded_width(dim), tokens.stride(0), anchors.stride(0), BLOCK_T=block_t, BLOCK_D=block_d,
+                WRITE_NORMS=inv_norms is not None, CELL_BEST=cell_best is not None, num_warps=4,
+            )
     return scores, cells, inv_norms, cell_best
 
 

@@ -26,7 +26,6 @@ under the Triton interpreter a 2048-element tl.sort takes seconds.
 """
 from __future__ import annotations
 
-import itertools
 from typing import List, Optional, Sequence
 
 import torch
@@ -35,35 +34,10 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
+from ._common import count_blocks, image_table, launch_guard, launchable, rank_key, starts
 
 # The select kernels read one int64 row per image (_image_row):
 # tok_begin, n, k, keep_begin, cell_count, quota, cell_begin.
-
-
-# ---------------------------------------------------------------------------------------
-# The one ordering (common.h ranks_before) as an int64 key: a larger key ranks first.
-# ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def order_bits(value):
-    """fp32 -> int32 whose signed order is the float order; NaN ranks with -inf, -0 == +0."""
-    value = tl.where(value != value, -float("inf"), value)
-    value = tl.where(value == 0.0, 0.0, value)  # -0.0 and +0.0 compare equal: one key
-    bits = value.to(tl.int32, bitcast=True)
-    # Negative floats order backwards in their magnitude bits: flip those (not the sign).
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def rank_key(value, index):
-    """Packed (value, index): higher value first, then the lower index (0 <= index < 2^31)."""
-    return (order_bits(value).to(tl.int64) << 32) | (2147483647 - index.to(tl.int64))
-
-
-@triton.jit
-def key_index(key):
-    return 2147483647 - (key & 2147483647)
 
 
 @triton.jit
@@ -176,66 +150,6 @@ def _compact_kernel(
     tl.store(keep_idx + keep_begin + out, tok_begin + i, mask=(flag != 0) & (out < k))
 
 
-def device_table(rows: list, device: torch.device, like: torch.Tensor, dtype=torch.int64) -> torch.Tensor:
-    """Per-image table (host ints) on the device, without a host sync.
-
-    A pageable host->device copy would wait for the stream; a pinned, non-blocking one
-    does not (the caching host allocator keeps the buffer alive until the copy is done).
-    Under tracing (fake tensors) a plain constant is what the graph wants.
-    """
-    from torch._subclasses.fake_tensor import is_fake
-
-    if device.type == "cuda" and not is_fake(like):
-        return torch.tensor(rows, dtype=dtype).pin_memory().to(device, non_blocking=True)
-    return torch.tensor(rows, dtype=dtype, device=device)
-
-
-def starts(sizes: Sequence[int]) -> List[int]:
-    """Where each image's run begins in a packed array: [0, s0, s0 + s1, ..., sum(sizes)]."""
-    return list(itertools.accumulate(sizes, initial=0))
-
-
-def image_table(columns: Sequence[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
-    """int64 [B, len(columns)] on like's device: row b holds entry b of every column (device_table)."""
-    return device_table([list(row) for row in zip(*columns)], like.device, like)
-
-
-def interpreted() -> bool:
-    """Whether the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_take_kernel, InterpretedFunction)
-
-
-def launchable(like: torch.Tensor, op: str) -> bool:
-    """False where the kernels must not run: fake tensors under the interpreter (shapes only).
-
-    Raises where they cannot run: CPU tensors without the interpreter, or torch.compile
-    tracing interpreted kernels (the compiled graph would silently lose them).
-    """
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if not interpreted():
-        if like.device.type not in ("cuda", "meta") and not is_fake(like):
-            raise RuntimeError(
-                f"{op}: backend='triton' on {like.device} tensors needs the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before g2tr_kernels.triton is first imported (tests do), or use CUDA tensors"
-            )
-        return True  # real launches; under tracing wrap_triton records them
-    if isinstance(like, FunctionalTensor):
-        raise RuntimeError(
-            f"{op}: torch.compile cannot trace Triton kernels running under TRITON_INTERPRET=1; "
-            "compile with CUDA tensors and the interpreter off"
-        )
-    return not is_fake(like) and like.device.type != "meta"
-
-
-def count_blocks() -> tuple:
-    """(BLOCK_I, BLOCK_J) of the counting kernels: the interpreter pays per op, a GPU per register."""
-    return (256, 256) if interpreted() else (64, 64)
-
-
 def select(
     scores: torch.Tensor,
     cells: torch.Tensor,
@@ -268,13 +182,14 @@ def select(
         return keep_idx
     block_i, block_j = count_blocks()
     grid = (triton.cdiv(max(lengths), block_i), len(lengths))
-    wrap_triton(_seed_kernel)[grid](
-        scores, cells, cell_best if cell_best is not None else torch.empty(1, dtype=torch.int64, device=device),
-        table, seed,
-        BLOCK_I=block_i, BLOCK_J=block_j, CELL_BEST=cell_best is not None,
-    )
-    wrap_triton(_take_kernel)[grid](scores, seed, table, take, BLOCK_I=block_i, BLOCK_J=block_j)
-    wrap_triton(_compact_kernel)[grid](take, table, keep_idx, BLOCK_I=block_i)
+    with launch_guard(scores):
+        wrap_triton(_seed_kernel)[grid](
+            scores, cells, cell_best if cell_best is not None else torch.empty(1, dtype=torch.int64, device=device),
+            table, seed,
+            BLOCK_I=block_i, BLOCK_J=block_j, CELL_BEST=cell_best is not None,
+        )
+        wrap_triton(_take_kernel)[grid](scores, seed, table, take, BLOCK_I=block_i, BLOCK_J=block_j)
+        wrap_triton(_compact_kernel)[grid](take, table, keep_idx, BLOCK_I=block_i)
     return keep_idx
 
 

@@ -35,8 +35,19 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .anchor_scores import inv_norm
-from .balanced_topk import count_blocks, image_table, interpreted, key_index, launchable, rank_key, starts
+from ._common import (
+    aligned_rows,
+    count_blocks,
+    image_table,
+    interpreted,
+    inv_norm,
+    key_index,
+    launch_guard,
+    launchable,
+    padded_width,
+    rank_key,
+    starts,
+)
 
 # The merge kernels read one int64 row per image (_image_row): tok_begin, n, k, keep_begin
 # (= output row of the image's first kept token), drop_begin (first slot of its dropped
@@ -75,7 +86,8 @@ def _prepare_kernel(
     assign,  # int64 [N] out: output rows of kept tokens (dropped ones: _group_kernel)
     dropped,  # int64 [N - K_total] out: dropped tokens (global), ascending per image
     inv_norms,  # fp32 [N] out (WRITE_NORMS)
-    D,
+    D,  # columns to read: padded_width(D), zeros past the true D (_common.aligned_rows)
+    stride,  # row stride of tokens (a multiple of 16)
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STEPS: tl.constexpr,
@@ -102,7 +114,7 @@ def _prepare_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             x = tl.load(
-                tokens + token.to(tl.int64)[:, None] * D + d[None, :],
+                tokens + token.to(tl.int64)[:, None] * stride + d[None, :],
                 mask=live[:, None] & (d < D)[None, :], other=0.0,
             ).to(tl.float32)
             sq += tl.sum(x * x, axis=1)
@@ -117,7 +129,8 @@ def _assign_kernel(
     inv_norms,  # fp32 [N]
     table,  # int64 [B, 5]
     best,  # int64 [N - K_total] in/out: max rank_key(value, local kept row), starts at int64 min
-    D,
+    D,  # columns to read: padded_width(D)
+    stride,  # row stride of tokens (a multiple of 16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -149,7 +162,7 @@ def _assign_kernel(
     row_tok = tl.minimum(tl.maximum(row_tok, tok_begin), tok_begin + n - 1)
     row_inv = tl.load(inv_norms + row_tok)
     dk = tl.arange(0, BLOCK_K)
-    a_ptrs = tokens + row_tok.to(tl.int64)[:, None] * D + dk[None, :]
+    a_ptrs = tokens + row_tok.to(tl.int64)[:, None] * stride + dk[None, :]
 
     best_value = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     best_col = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -159,7 +172,7 @@ def _assign_kernel(
         col_tok = tl.load(keep_idx + keep_begin + col, mask=col_live, other=0)
         col_tok = tl.minimum(tl.maximum(col_tok, tok_begin), tok_begin + n - 1)
         col_inv = tl.load(inv_norms + col_tok)
-        b_ptrs = tokens + col_tok.to(tl.int64)[None, :] * D + dk[:, None]
+        b_ptrs = tokens + col_tok.to(tl.int64)[None, :] * stride + dk[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_K):
             d_live = dk < D - d0
@@ -242,7 +255,9 @@ def _mean_kernel(
     table,  # int64 [B, 5]
     merged,  # [K_total, D] out, input dtype
     merge_weight,  # fp32
-    D,
+    D,  # columns to read and write: padded_width(D)
+    stride,  # row strides of tokens and merged (multiples of 16)
+    out_stride,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STEPS: tl.constexpr,
@@ -266,21 +281,21 @@ def _mean_kernel(
     kept_tok = tl.load(keep_idx + keep_begin + r, mask=r_live, other=0)
     kept_tok = tl.minimum(tl.maximum(kept_tok, tok_begin), tok_begin + n - 1)
     live = r_live[:, None] & d_live[None, :]
-    acc = tl.load(tokens + kept_tok.to(tl.int64)[:, None] * D + d[None, :], mask=live, other=0.0).to(tl.float32)
+    acc = tl.load(tokens + kept_tok.to(tl.int64)[:, None] * stride + d[None, :], mask=live, other=0.0).to(tl.float32)
     acc = acc * merge_weight
     count = tl.zeros([BLOCK_R], dtype=tl.float32) + merge_weight
     for g in range(0, tl.max(size, axis=0)):
         member = g < size
         tok = tl.load(group_tok + drop_begin + begin + g, mask=member, other=0)
         tok = tl.minimum(tl.maximum(tok, tok_begin), tok_begin + n - 1)
-        x = tl.load(tokens + tok.to(tl.int64)[:, None] * D + d[None, :], mask=member[:, None] & live, other=0.0)
+        x = tl.load(tokens + tok.to(tl.int64)[:, None] * stride + d[None, :], mask=member[:, None] & live, other=0.0)
         # where(), not "+ 0": rows past their group must stay bit-identical (-0.0 + 0.0 = +0.0).
         acc = tl.where(member[:, None], acc + x.to(tl.float32), acc)
         count = tl.where(member, count + 1.0, count)
     out = tl.math.div_rn(acc, count[:, None])
     if merged.dtype.element_ty == tl.bfloat16:
         out = _round_bf16(out)
-    tl.store(merged + (keep_begin + r).to(tl.int64)[:, None] * D + d[None, :],
+    tl.store(merged + (keep_begin + r).to(tl.int64)[:, None] * out_stride + d[None, :],
              out.to(merged.dtype.element_ty), mask=live)
 
 
@@ -295,6 +310,9 @@ ASSIGN_TILES = {
 }
 # The interpreter runs numpy per op: big tiles, few iterations.
 ASSIGN_TILES_INTERPRETED = (64, 64, 32, 4, 1)
+# Tiles of _mean_kernel (BLOCK_R rows x BLOCK_D columns): fp32 rows hold twice the bytes,
+# and at 16 x 128 ptxas spills 8-12 bytes (sm_80 and sm_90); 16 x 64 fits.
+MEAN_TILES = {torch.bfloat16: (16, 128), torch.float16: (16, 128), torch.float32: (16, 64)}
 
 
 def _splits(dropped_tiles: int, kept_tiles: int, device: torch.device) -> int:
@@ -321,8 +339,9 @@ def merge_tokens(
     splits: column splits of the assignment (None: chosen from the device's SM count).
     """
     lengths, budgets = list(lengths), list(budgets)
-    tokens, keep_idx = tokens.contiguous(), keep_idx.contiguous()
+    tokens, keep_idx = aligned_rows(tokens), keep_idx.contiguous()
     n_total, dim = tokens.shape
+    width = padded_width(dim)
     device = tokens.device
     k_total = sum(budgets)
     merged = torch.empty((k_total, dim), dtype=tokens.dtype, device=device)
@@ -343,37 +362,43 @@ def merge_tokens(
     if not launchable(tokens, op):
         return merged, assign
 
-    b = len(lengths)
-    block_t, block_d = (64, 128) if interpreted() else (32, 128)
-    block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
-    wrap_triton(_prepare_kernel)[(triton.cdiv(max(lengths), block_t), b)](
-        tokens, keep_idx, table, assign, dropped, inv_norms, dim,
-        BLOCK_T=block_t, BLOCK_D=block_d, STEPS=max(budgets).bit_length(), WRITE_NORMS=write_norms,
-    )
-    max_drop = max(drops)
-    if max_drop > 0:
-        upcast = interpreted() and tokens.dtype == torch.bfloat16
-        precision = "ieee" if tokens.dtype == torch.float32 or upcast else None
+    with launch_guard(tokens):
+        b = len(lengths)
+        block_t, block_d = (64, 128) if interpreted() else (32, 128)
+        block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
+        wrap_triton(_prepare_kernel)[(triton.cdiv(max(lengths), block_t), b)](
+            tokens, keep_idx, table, assign, dropped, inv_norms, width, tokens.stride(0),
+            BLOCK_T=block_t, BLOCK_D=block_d, STEPS=max(budgets).bit_length(), WRITE_NORMS=write_norms,
+        )
+        max_drop = max(drops)
+        if max_drop > 0:
+            upcast = interpreted() and tokens.dtype == torch.bfloat16
+            precision = "ieee" if tokens.dtype == torch.float32 or upcast else None
 
-        tiles = ASSIGN_TILES_INTERPRETED if interpreted() else ASSIGN_TILES[tokens.dtype]
-        block_m, block_n, block_k, warps, stages = tiles
-        kept_tiles = triton.cdiv(max(budgets), block_n)
-        if splits is None:
-            splits = _splits(sum(triton.cdiv(m, block_m) for m in drops), kept_tiles, device)
-        grid = (triton.cdiv(max_drop, block_m), max(1, min(splits, kept_tiles)), b)
-        wrap_triton(_assign_kernel)[grid](
-            tokens, keep_idx, dropped, inv_norms, table, best, dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
+            tiles = ASSIGN_TILES_INTERPRETED if interpreted() else ASSIGN_TILES[tokens.dtype]
+            block_m, block_n, block_k, warps, stages = tiles
+            kept_tiles = triton.cdiv(max(budgets), block_n)
+            if splits is None:
+                splits = _splits(sum(triton.cdiv(m, block_m) for m in drops), kept_tiles, device)
+            grid = (triton.cdiv(max_drop, block_m), max(1, min(splits, kept_tiles)), b)
+            wrap_triton(_assign_kernel)[grid](
+                tokens, keep_idx, dropped, inv_norms, table, best, width, tokens.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
+            )
+            block_i, block_j = count_blocks()
+            wrap_triton(_group_kernel)[(triton.cdiv(max_drop, block_i), b)](
+                dropped, best, table, assign, group_tok, group_target, BLOCK_I=block_i, BLOCK_J=block_j,
+            )
+        block_r, mean_d = (64, block_d) if interpreted() else MEAN_TILES[tokens.dtype]
+        mean_d = min(mean_d, block_d)
+        # Rows D apart are not 16-element aligned for odd D: write padded rows, copy once.
+        out = merged if width == dim else torch.empty((k_total, width), dtype=tokens.dtype, device=device)
+        wrap_triton(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, mean_d), b)](
+            tokens, keep_idx, group_tok, group_target, table, out, float(merge_weight), width, tokens.stride(0), out.stride(0),
+            BLOCK_R=block_r, BLOCK_D=mean_d, STEPS=max(max_drop, 1).bit_length(),
         )
-        block_i, block_j = count_blocks()
-        wrap_triton(_group_kernel)[(triton.cdiv(max_drop, block_i), b)](
-            dropped, best, table, assign, group_tok, group_target, BLOCK_I=block_i, BLOCK_J=block_j,
-        )
-    block_r = 64 if interpreted() else 16
-    wrap_triton(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, block_d), b)](
-        tokens, keep_idx, group_tok, group_target, table, merged, float(merge_weight), dim,
-        BLOCK_R=block_r, BLOCK_D=block_d, STEPS=max(max_drop, 1).bit_length(),
-    )
+        if out is not merged:
+            merged.copy_(out[:, :dim])
     return merged, assign
 
 

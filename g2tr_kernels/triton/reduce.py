@@ -15,8 +15,9 @@ from torch.library import triton_op
 
 from .. import _checks
 from ..reference.budget import budget
+from ._common import aligned_rows, fresh_table, starts
 from .anchor_scores import score
-from .balanced_topk import device_table, select, starts
+from .balanced_topk import select
 from .merge import merge_tokens
 
 
@@ -31,14 +32,14 @@ def reduce_tokens(
     op: str = "g2tr.triton_reduce",
 ):
     """Launcher: (merged, keep_idx, cu_seqlens, scores, assign), SPEC.md §6."""
-    tokens, anchors = tokens.contiguous(), anchors.contiguous()  # one copy, if any, for all stages
+    tokens, anchors = aligned_rows(tokens), aligned_rows(anchors)  # one copy, if any, for all stages
     lengths = [h * w for h, w in grids]
     budgets = [budget(n, keep_ratio, min_keep) for n in lengths]
     cell_counts = [h * w for h, w in anchor_grids]
     scores, cells, inv_norms, cell_best = score(tokens, anchors, grids, anchor_grids, True, True, op)
     keep_idx = select(scores, cells, lengths, budgets, cell_counts, [1] * len(lengths), cell_best, op)
     merged, assign = merge_tokens(tokens, keep_idx, lengths, budgets, merge_weight, inv_norms, op=op)
-    cu_seqlens = device_table(starts(budgets), tokens.device, tokens, torch.int32)
+    cu_seqlens = fresh_table(starts(budgets), tokens, torch.int32)
     return merged, keep_idx, cu_seqlens, scores, assign
 
 

@@ -146,7 +146,7 @@ __device__ __forceinline__ void take_better(float& best_value, int& best_index, 
 // -0 equal to +0 (ranks_before compares values, not bits). Equal keys keep the input
 // order in a stable radix sort, which gives "ties to the lower index".
 __device__ __forceinline__ uint32_t descending_score_key(float score) {
-  uint32_t u = __float_as_uint(rank_key(score));
+  uint32_t u = __float_as_uint(rank_value(score));
   if ((u << 1) == 0u) u = 0u;                      // -0 -> +0
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // order-preserving map to unsigned
   return ~u;

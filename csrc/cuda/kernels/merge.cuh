@@ -29,6 +29,7 @@
 #include <cuda/std/functional>
 
 #include "common.cuh"
+#include "g2tr/merge_splits.h"
 
 namespace g2tr::cuda {
 
@@ -41,14 +42,6 @@ struct AssignPartials {
   int* index;
   int64_t dropped_total;
 };
-
-// Column tiles [begin, end) of split `split` of an image with `col_tiles` tiles: splits
-// take equal runs; the last ones may be empty (they report no column).
-__device__ __forceinline__ void split_range(int col_tiles, int splits, int split, int& begin, int& end) {
-  const int per_split = (col_tiles + splits - 1) / splits;
-  begin = min(split * per_split, col_tiles);
-  end = min(begin + per_split, col_tiles);
-}
 
 // Local token (-1 past the image's dropped rows) and inv_norm of the block's dropped rows
 // [row0, row0 + kRows), written to shared memory by the first kRows threads; every thread
@@ -134,8 +127,12 @@ __global__ void __launch_bounds__(mma::kThreads)
   const int group = lane / 4, quad = lane % 4;  // mma fragment coordinates
   const int warp_m = warp % 2, warp_n = warp / 2;
 
+  // This image's own splits (g2tr/merge_splits.h): a block past them has no columns.
+  const int col_tiles = (im.kept + kBlockCols - 1) / kBlockCols;
+  const int own_splits = image_splits(col_tiles, splits);
+  if (static_cast<int>(blockIdx.y) >= own_splits) return;
   int ct_begin, ct_end;
-  split_range((im.kept + kBlockCols - 1) / kBlockCols, splits, blockIdx.y, ct_begin, ct_end);
+  split_range(col_tiles, own_splits, blockIdx.y, &ct_begin, &ct_end);
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
@@ -339,8 +336,12 @@ __global__ void __launch_bounds__(fma::kThreads)
   if (row0 >= im.dropped()) return;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
 
+  // This image's own splits (g2tr/merge_splits.h): a block past them has no columns.
+  const int col_tiles = (im.kept + kBlockCols - 1) / kBlockCols;
+  const int own_splits = image_splits(col_tiles, splits);
+  if (static_cast<int>(blockIdx.y) >= own_splits) return;
   int ct_begin, ct_end;
-  split_range((im.kept + kBlockCols - 1) / kBlockCols, splits, blockIdx.y, ct_begin, ct_end);
+  split_range(col_tiles, own_splits, blockIdx.y, &ct_begin, &ct_end);
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
@@ -480,7 +481,8 @@ constexpr int kGroupChunk = kGroupThreads * kGroupItems;
 // ptxas from spilling a register in the radix sort (it does on sm_90 without it).
 __global__ void __launch_bounds__(kGroupThreads, 1)
     group_kernel(const int64_t* __restrict__ keep_idx, const __grid_constant__ ImageTable table, int splits,
-                 AssignPartials partials, int target_end_bit, int64_t* __restrict__ assign, MergeGroups groups) {
+                 int block_cols, AssignPartials partials, int target_end_bit, int64_t* __restrict__ assign,
+                 MergeGroups groups) {
   using Sort = cub::BlockRadixSort<uint32_t, kGroupThreads, kGroupItems, int>;
   using Scan = cub::BlockScan<int, kGroupThreads>;
   using Discontinuity = cub::BlockDiscontinuity<uint32_t, kGroupThreads>;
@@ -506,10 +508,11 @@ __global__ void __launch_bounds__(kGroupThreads, 1)
   __syncthreads();
 
   // Each dropped token's target: the best of its split partials (any order gives the same).
+  const int own_splits = image_splits((im.kept + block_cols - 1) / block_cols, splits);
   for (int d = tid; d < nd; d += kGroupThreads) {
     float v = -INFINITY;
     int j = kNoIndex;
-    for (int s = 0; s < splits; ++s) {
+    for (int s = 0; s < own_splits; ++s) {
       const int64_t slot = s * partials.dropped_total + im.dropped0() + d;
       take_better(v, j, partials.value[slot], partials.index[slot]);
     }

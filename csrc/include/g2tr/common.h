@@ -44,12 +44,12 @@ G2TR_HD int64_t cell_of(int64_t token, int64_t h, int64_t w, int64_t h_a, int64_
 }
 
 // Scores are ranked with NaN below everything, so a NaN token is never preferred.
-G2TR_HD float rank_key(float score) { return score != score ? -INFINITY : score; }
+G2TR_HD float rank_value(float score) { return score != score ? -INFINITY : score; }
 
 // The one ordering used everywhere (cell best, cell ranking, fill, merge assignment):
 // higher value first, ties to the lower index. A strict weak order even with NaN input.
 G2TR_HD bool ranks_before(float value_a, int64_t index_a, float value_b, int64_t index_b) {
-  const float a = rank_key(value_a), b = rank_key(value_b);
+  const float a = rank_value(value_a), b = rank_value(value_b);
   return a > b || (a == b && index_a < index_b);
 }
 
