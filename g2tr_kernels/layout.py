@@ -264,4 +264,12 @@ def image_runs(input_ids: torch.Tensor, image_token_id: int) -> List[List[int]]:
     return runs
 
 
-__all__ = ["PackedLayout", "PaddedLayout", "flattened_position_ids", "gather_columns", "image_runs", "rebuild_packed", "rebuild_padded"]
+__all__ = [
+    "PackedLayout",
+    "PaddedLayout",
+    "flattened_position_ids",
+    "gather_columns",
+    "image_runs",
+    "rebuild_packed",
+    "rebuild_padded",
+]

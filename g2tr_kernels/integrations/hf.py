@@ -209,7 +209,9 @@ class G2TRHandle:
         return self._prepare(arguments, sources, padding_side, for_generate=False)
 
     # -- internals ------------------------------------------------------------------------
-    def _prepare(self, arguments: Dict[str, Any], sources: Dict[str, Any], padding_side: Optional[str], for_generate: bool):
+    def _prepare(
+        self, arguments: Dict[str, Any], sources: Dict[str, Any], padding_side: Optional[str], for_generate: bool
+    ):
         """Pops what it consumes from `arguments`; returns the arguments for the plain model.
 
         padding_side None: left if the prompts are left-padded, else right (forward)."""
@@ -369,7 +371,8 @@ class G2TRHandle:
         if self.family.grids == "per_prompt":
             # Idefics3 / SmolVLM: one entry per prompt, its images' square grids one after another.
             vision = self.model.config.vision_config
-            per_image = (int(vision.image_size) // int(vision.patch_size)) ** 2 // int(self.model.config.scale_factor) ** 2
+            patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+            per_image = patches // int(self.model.config.scale_factor) ** 2
             side = math.isqrt(per_image)
             if side * side != per_image or any(n % per_image for n in lengths):
                 raise ValueError(f"g2tr.hf: prompts with {lengths} image tokens are not {per_image}-token images")
@@ -393,7 +396,10 @@ class G2TRHandle:
         side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
         to_patches = inspect.getmodule(type(inner)).image_size_to_num_patches
         counts = arguments.get("batch_num_images")
-        tiled = [True] * len(sizes) if counts is None else [int(n) == 1 for n in _host_flat(counts) for _ in range(int(n))]
+        if counts is None:
+            tiled = [True] * len(sizes)
+        else:  # OneVision: only a prompt's single image is tiled
+            tiled = [int(n) == 1 for n in _host_flat(counts) for _ in range(int(n))]
         patches = [
             to_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
                        patch_size=config.vision_config.image_size) if t else 1
@@ -464,7 +470,8 @@ class G2TRHandle:
             )
         get_rope_index = _inner(self.model).get_rope_index
         accepted = inspect.signature(get_rope_index).parameters
-        extra = {k: arguments.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in accepted}
+        names = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+        extra = {k: arguments.get(k) for k in names if k in accepted}
         return get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, **extra)
 
     def _anchors(self, sources: Dict[str, Any], pixel_values, arguments, parts: "_Parts", features):
@@ -503,7 +510,9 @@ class G2TRHandle:
         latents = list(latents.unbind(0)) if isinstance(latents, torch.Tensor) and latents.dim() in (4, 5) else list(
             latents if not isinstance(latents, torch.Tensor) else [latents])
         if len(latents) != n_vision:
-            raise ValueError(f"g2tr.hf: {len(latents)} VAE latents for {n_vision} vision-tower images; give one per image")
+            raise ValueError(
+                f"g2tr.hf: {len(latents)} VAE latents for {n_vision} vision-tower images; give one per image"
+            )
         if per_part is not None:
             # Each part against its image's latent, pooled for that part's own grid.
             latents = [latents[i] for i in per_part]
@@ -627,7 +636,8 @@ def apply_g2tr(
     vae_latents= or anchors=.
     keep_ratio, min_keep, merge_weight: as g2tr_kernels.reduce. projection / patch / pool:
     the anchor recipe of g2tr_kernels.anchors (InternVL-U: "interpolate", 1, 1; BAGEL:
-    its vae2llm Linear, 2, 2); pool="auto" sizes each image's anchor grid to its ViT grid. image_mean / image_std: the VLM processor's normalisation,
+    its vae2llm Linear, 2, 2); pool="auto" sizes each image's anchor grid to its ViT grid.
+    image_mean / image_std: the VLM processor's normalisation,
     used to hand the VLM's pixel_values to the VAE when no vae_pixel_values are given.
     grids: callable(tokens per image) -> [(h, w), ...] for families whose tokens form one
     grid per image (square by default). restore_prompt: generate() returns the original
@@ -662,7 +672,8 @@ def apply_g2tr(
     )
     _ = handle.image_token_id  # fails now, not at the first call, on configs without an image token
 
-    names = ["forward"] + (["generate"] if callable(getattr(model, "generate", None)) else [])  # bare ...Model: no generate
+    # The bare ...Model classes have no generate.
+    names = ["forward"] + (["generate"] if callable(getattr(model, "generate", None)) else [])
     # Instance attributes shadow the class methods; nn.Module.__call__ and generate() look
     # forward up on the instance.
     for name in names:
@@ -678,7 +689,8 @@ def merge_by_assignment(values: torch.Tensor, out: ops.ReduceOutput, merge_weigh
     weight[out.keep_idx.to(values.device)] = merge_weight
     assign = out.assign.to(values.device)
     rows = out.keep_idx.shape[0]
-    total = values.new_zeros(rows, values.shape[-1], dtype=torch.float32).index_add_(0, assign, values.float() * weight[:, None])
+    total = values.new_zeros(rows, values.shape[-1], dtype=torch.float32)
+    total.index_add_(0, assign, values.float() * weight[:, None])
     count = weight.new_zeros(rows).index_add_(0, assign, weight)
     return (total / count[:, None]).to(values.dtype)
 

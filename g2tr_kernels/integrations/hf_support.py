@@ -199,7 +199,7 @@ def _llava_check(model) -> Optional[str]:
     tower = getattr(getattr(model.config, "vision_config", None), "model_type", None)
     has_cls = tower in ("clip_vision_model", "internvl_vision")
     if has_cls and strategy != "default":
-        return f"vision_feature_select_strategy {strategy!r} keeps the CLS token of {tower}, so the tokens are not a grid"
+        return f"vision_feature_select_strategy {strategy!r} keeps the CLS token of {tower}: the tokens are no grid"
     if not has_cls and strategy == "default":
         return f"vision_feature_select_strategy 'default' drops a patch token of {tower} (it has no CLS token)"
     return None
@@ -216,7 +216,10 @@ def render_markdown() -> str:
         "|---|---|---|---|",
     ]
     for f in FAMILIES.values():
-        status = f"refused at apply time: {f.refused}" if f.refused else ("one call" + (f"; {f.notes}" if f.notes else ""))
+        if f.refused:
+            status = f"refused at apply time: {f.refused}"
+        else:
+            status = "one call" + (f"; {f.notes}" if f.notes else "")
         lines.append(f"| `{f.model_type}` | {f.layout} | {', '.join(f.rebuilt) if not f.refused else '-'} | {status} |")
     lines.append("| any other | - | - | refused at apply time (NotImplementedError naming the model_type) |")
     return "\n".join(lines)
