@@ -28,6 +28,17 @@ run_pytest() {
   return "$rc"
 }
 run_pytest -q tests
+# The other CPU merge paths (csrc/cpu/merge_path.h) through the whole merge and reduce suites;
+# the run above took the automatic one. bf16_dot only where the CPU has avx512_bf16.
+# About 1-2 min per path on 2 cores.
+for path in $("$PY" -c "
+import g2tr_kernels as g
+info = g.build_info()
+auto = info['cpu_merge']['bfloat16']['path']
+print(' '.join(p for p in ('bf16_dot', 'fp32_gemm', 'bf16_gemm')
+               if p != auto and (p != 'bf16_dot' or info['cpu_features']['avx512_bf16'])))"); do
+  G2TR_CPU_MERGE="$path" run_pytest -q tests/test_merge.py tests/test_reduce.py -k "not cuda and not triton"
+done
 run_pytest -q benchmarks --benchmark-disable
 # The bf16 merge micro-kernel against a float64 reference on ~550 shapes, ties and NaNs
 # (a no-op on CPUs without AVX512-BF16).

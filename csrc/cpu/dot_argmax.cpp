@@ -22,7 +22,7 @@
 #define G2TR_DOT_ARGMAX_X86 0
 #endif
 
-// Tuning knobs, overridable with -D for experiments. On Zen5 (d = 3584, m = n = 2450)
+// Tuning knobs, overridable with -D for experiments. On Zen 4 (AMD EPYC family 25 model 17; d = 3584, m = n = 2450)
 // 8x3, 6x4, 8x2 and 4x4 tiles and row blocks of 24..all rows all ran within ~5% of each
 // other, at ~90% of the vdpbf16ps peak; 8x3 keeps the most zmm registers spare and the
 // narrowest panel (48 columns x d/2 pairs: 344 KiB at d = 3584, so it stays in a 1 MiB

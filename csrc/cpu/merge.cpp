@@ -1,13 +1,18 @@
-// Stage IV on the CPU, one image at a time (merging never crosses images).
+// Stage IV on the CPU (merging never crosses images).
 //
 // 1. assignment: for dropped rows in tiles, a matrix product against all kept rows of
 //    the image with the row argmax folded in; nothing of size (N-K) x K is ever held.
-//    bf16 on CPUs with AVX512-BF16: fp32-accumulated dot products of the bf16 values
-//    themselves (dot_argmax.cpp); otherwise an fp32 GEMM per tile (at::mm).
+//    The product runs on the path merge_path.h picks for this CPU and dtype: the
+//    AVX512-BF16 dot-argmax micro-kernel (dot_argmax.cpp), fp32 GEMM blocks (at::mm) or
+//    bf16 GEMM blocks with fp32 output (MKL through at::native::cpublas::brgemm).
 // 2. mean: dropped tokens grouped by target in ascending index order (a counting sort),
 //    then each kept row sums its group in that fixed order: deterministic, no atomics.
+// Large images run one after another, each spread over all threads; many small images
+// (S1: 16 tiles of 256 tokens) run one image per task, since an image that small cannot
+// keep every thread busy on its own. Either way a row's result does not depend on the split.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,13 +20,21 @@
 
 #include "cpu_kernels.h"
 #include "dot_argmax.h"
+#include "merge_path.h"
 #include "vec.h"
 
 namespace g2tr::cpu {
 namespace {
 
-constexpr int64_t kRowTile = 128;  // dropped rows per fp32 GEMM tile: large enough for an efficient sgemm, its
-                                   // 128 x K similarity tile (1.2 MB at K = 2450) small enough for L2/L3
+// Dropped rows per GEMM call: each call re-packs all K kept rows inside the library, so the
+// block is large (packing amortised over 512 rows) while its 512 x K similarity block stays
+// small (4.8 MB at K = 2450). The call itself is threaded by the library (MKL),
+// which partitions it better than fixed row tiles do.
+constexpr int64_t kGemmRows = 512;
+
+// Below this much assignment work ((N-K) * K * D multiply-adds) per image, images are spread
+// over the threads instead of the rows of each image (S1 images: 128 * 128 * 2048 = 2^25).
+constexpr int64_t kSmallImageWork = int64_t{1} << 27;
 
 // Dropped rows per task of the bf16 kernel: large, so each packed panel of kept rows is
 // reused from L2 by many rows (dot_argmax.cpp blocks 192 rows), yet at least two tasks
@@ -31,44 +44,90 @@ int64_t bf16_rows_per_task(int64_t m) {
   return std::clamp<int64_t>((m + tasks - 1) / tasks, 8, 192);
 }
 
-// Best kept column of each dropped row, fp32 GEMM per tile; same value and tie rule as
-// dot_argmax_rows: value = (dot * b_scale[j]) * a_scale[i], strict > keeps the lowest j.
-template <typename T>
-void assign_generic(const T* rows, int64_t dim, const std::vector<int64_t>& dropped, const std::vector<int64_t>& kept,
-                    const float* a_scale, const float* b_scale, int64_t* best) {
-  const int64_t m = dropped.size(), n = kept.size();
-  auto kept_rows = at::empty({n, dim}, at::kFloat);
-  float* kr = kept_rows.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) widen_row(kr + j * dim, rows + kept[j] * dim, dim);
-  });
-  const at::Tensor kept_t = kept_rows.t();
-  at::parallel_for(0, (m + kRowTile - 1) / kRowTile, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    auto tile = at::empty({kRowTile, dim}, at::kFloat);
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      const int64_t r0 = t * kRowTile, rows_here = std::min(kRowTile, m - r0);
-      float* tp = tile.data_ptr<float>();
-      for (int64_t r = 0; r < rows_here; ++r) widen_row(tp + r * dim, rows + dropped[r0 + r] * dim, dim);
-      const at::Tensor sim = at::mm(tile.narrow(0, 0, rows_here), kept_t);
-      const float* sp = sim.const_data_ptr<float>();
-      for (int64_t r = 0; r < rows_here; ++r) {
-        float best_val = -std::numeric_limits<float>::infinity();
-        int64_t best_j = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const float v = (sp[r * n + j] * b_scale[j]) * a_scale[r0 + r];
-          if (v > best_val) {
-            best_val = v;
-            best_j = j;
-          }
-        }
-        best[r0 + r] = best_j;
+// best[r] = the lowest j with the largest (sim[r][j] * b_scale[j]) * a_scale[r]: the value
+// and tie rule of dot_argmax_rows, so every path ranks the same similarities the same way.
+void tile_argmax(const float* sim, int64_t rows, int64_t n, const float* a_scale, const float* b_scale, int64_t* best) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* sp = sim + r * n;
+    float best_val = -std::numeric_limits<float>::infinity();
+    int64_t best_j = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = (sp[j] * b_scale[j]) * a_scale[r];
+      if (v > best_val) {
+        best_val = v;
+        best_j = j;
       }
     }
-  });
+    best[r] = best_j;
+  }
 }
 
-void assign_bf16(const c10::BFloat16* rows, int64_t dim, const std::vector<int64_t>& dropped,
-                 const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
+// A GEMM path: for blocks of dropped rows, gather them (gather_rows), one library GEMM
+// against all kept rows (gemm), then the row argmax of the block spread over the threads.
+template <typename Gather, typename Gemm>
+void assign_by_gemm(int64_t m, int64_t n, const float* a_scale, const float* b_scale, int64_t* best, Gather gather_rows,
+                    Gemm gemm) {
+  auto sim = at::empty({std::min(kGemmRows, m), n}, at::kFloat);
+  float* sp = sim.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < m; r0 += kGemmRows) {
+    const int64_t rows_here = std::min(kGemmRows, m - r0);
+    gather_rows(r0, rows_here);
+    gemm(rows_here, sp);
+    at::parallel_for(0, rows_here, 16, [&](int64_t begin, int64_t end) {
+      tile_argmax(sp + begin * n, end - begin, n, a_scale + r0 + begin, b_scale, best + r0 + begin);
+    });
+  }
+}
+
+// fp32_gemm: kept rows widened to fp32 once, dropped rows a block at a time, at::mm (MKL).
+template <typename T>
+void assign_fp32_gemm(const T* rows, int64_t dim, const std::vector<int64_t>& dropped, const std::vector<int64_t>& kept,
+                      const float* a_scale, const float* b_scale, int64_t* best) {
+  const int64_t m = dropped.size(), n = kept.size();
+  auto widen = [&](const std::vector<int64_t>& which, int64_t first, int64_t count, float* out) {
+    at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) widen_row(out + j * dim, rows + which[first + j] * dim, dim);
+    });
+  };
+  auto kept_rows = at::empty({n, dim}, at::kFloat);
+  widen(kept, 0, n, kept_rows.data_ptr<float>());
+  const at::Tensor kept_t = kept_rows.t();
+  auto block = at::empty({std::min(kGemmRows, m), dim}, at::kFloat);
+  assign_by_gemm(
+      m, n, a_scale, b_scale, best,
+      [&](int64_t r0, int64_t count) { widen(dropped, r0, count, block.data_ptr<float>()); },
+      [&](int64_t count, float* sim) {
+        auto out = at::from_blob(sim, {count, n}, at::kFloat);
+        at::mm_out(out, block.narrow(0, 0, count), kept_t);
+      });
+}
+
+// bf16_gemm: the library's bf16 x bf16 -> fp32 GEMM. cpublas::brgemm without VNNI packing
+// is ATen's exported entry to it (MKL cblas_gemm_bf16bf16f32, on AMX tiles where present); it takes
+// row-major A [rows, d] and B [d, n], so the kept rows are gathered transposed once.
+void assign_bf16_gemm(const c10::BFloat16* rows, int64_t dim, const std::vector<int64_t>& dropped,
+                      const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
+  const int64_t m = dropped.size(), n = kept.size();
+  const at::Tensor index = at::from_blob(const_cast<int64_t*>(kept.data()), {n}, at::kLong);
+  const at::Tensor image = at::from_blob(const_cast<c10::BFloat16*>(rows), {kept.back() + 1, dim}, at::kBFloat16);
+  const at::Tensor kept_t = image.index_select(0, index).t().contiguous();  // [d, n]
+  const c10::BFloat16* kt = kept_t.const_data_ptr<c10::BFloat16>();
+  auto block = at::empty({std::min(kGemmRows, m), dim}, at::kBFloat16);
+  c10::BFloat16* bp = block.data_ptr<c10::BFloat16>();
+  assign_by_gemm(
+      m, n, a_scale, b_scale, best,
+      [&](int64_t r0, int64_t count) {
+        at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) std::copy_n(rows + dropped[r0 + r] * dim, dim, bp + r * dim);
+        });
+      },
+      [&](int64_t count, float* sim) {
+        at::native::cpublas::brgemm(count, n, dim, dim, n, n, /*add_C=*/false, bp, kt, sim, /*is_vnni=*/false);
+      });
+}
+
+void assign_bf16_dot(const c10::BFloat16* rows, int64_t dim, const std::vector<int64_t>& dropped,
+                     const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
   const int64_t m = dropped.size(), n = kept.size();
   // at::empty gives the 64-byte alignment the panel loads want.
   const at::Tensor packed_t = at::empty({dot_argmax_packed_size(n, dim)}, at::kBFloat16);
@@ -86,12 +145,78 @@ void assign_bf16(const c10::BFloat16* rows, int64_t dim, const std::vector<int64
 }
 
 template <typename T>
-void assign_image(const T* rows, int64_t dim, const std::vector<int64_t>& dropped, const std::vector<int64_t>& kept,
-                  const float* a_scale, const float* b_scale, int64_t* best) {
+void assign_image(MergePath path, const T* rows, int64_t dim, const std::vector<int64_t>& dropped,
+                  const std::vector<int64_t>& kept, const float* a_scale, const float* b_scale, int64_t* best) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (dot_argmax_bf16_supported()) return assign_bf16(rows, dim, dropped, kept, a_scale, b_scale, best);
+    if (path == MergePath::bf16_dot) return assign_bf16_dot(rows, dim, dropped, kept, a_scale, b_scale, best);
+    if (path == MergePath::bf16_gemm) return assign_bf16_gemm(rows, dim, dropped, kept, a_scale, b_scale, best);
   }
-  assign_generic(rows, dim, dropped, kept, a_scale, b_scale, best);
+  assign_fp32_gemm(rows, dim, dropped, kept, a_scale, b_scale, best);
+}
+
+// One image: kept/dropped split, assignment, grouped mean. Parallel inside (its loops run
+// inline when the caller already spreads images over the threads).
+template <typename T>
+void merge_image(MergePath path, const T* tokens, int64_t dim, const Images& im, int64_t b, const int64_t* keep_idx,
+                 float lambda, const float* inv_norms, T* merged, int64_t* assign) {
+  std::vector<int64_t> kept, dropped, target, group_begin, group;
+  std::vector<float> inv, kept_inv, dropped_inv;
+  const int64_t first = im.tokens_begin[b], n = im.length(b), k = im.kept(b), out0 = im.kept_begin[b];
+  const T* rows = tokens + first * dim;
+  // Kept rows must be strictly ascending inside the image: checked, never trusted.
+  kept.resize(k);
+  dropped.clear();
+  for (int64_t r = 0, prev = -1; r < k; ++r) {
+    const int64_t t = keep_idx[out0 + r] - first;
+    TORCH_CHECK_VALUE(t > prev && t < n, "g2tr.merge: keep_idx of image ", b, " must be strictly ascending within [",
+                      first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
+    for (int64_t d = prev + 1; d < t; ++d) dropped.push_back(d);
+    kept[r] = t;
+    prev = t;
+    if (r == k - 1)
+      for (int64_t d = t + 1; d < n; ++d) dropped.push_back(d);
+  }
+  const float* image_inv = inv_norms ? inv_norms + first : nullptr;
+  if (!image_inv) {
+    inv.resize(n);
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) inv[t] = inv_norm(sumsq(rows + t * dim, dim));
+    });
+    image_inv = inv.data();
+  }
+  kept_inv.resize(k);
+  dropped_inv.resize(dropped.size());
+  for (int64_t r = 0; r < k; ++r) kept_inv[r] = image_inv[kept[r]];
+  for (size_t r = 0; r < dropped.size(); ++r) dropped_inv[r] = image_inv[dropped[r]];
+  target.resize(dropped.size());
+  if (!dropped.empty())
+    assign_image(path, rows, dim, dropped, kept, dropped_inv.data(), kept_inv.data(), target.data());
+
+  // Group dropped tokens by target; walking them in ascending order keeps each group ascending.
+  group_begin.assign(k + 1, 0);
+  for (int64_t tgt : target) ++group_begin[tgt + 1];
+  for (int64_t r = 0; r < k; ++r) group_begin[r + 1] += group_begin[r];
+  group.resize(dropped.size());
+  {
+    std::vector<int64_t> fill(group_begin.begin(), group_begin.end() - 1);
+    for (size_t r = 0; r < dropped.size(); ++r) group[fill[target[r]]++] = dropped[r];
+  }
+  for (int64_t r = 0; r < k; ++r) assign[first + kept[r]] = out0 + r;
+  for (size_t r = 0; r < dropped.size(); ++r) assign[first + dropped[r]] = out0 + target[r];
+
+  at::parallel_for(0, k, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      // (lambda * v_k + sum_j v_j) / (lambda + n_k), summed in ascending j like the reference.
+      scale_row(acc.data(), rows + kept[r] * dim, lambda, dim);
+      float count = lambda;
+      for (int64_t g = group_begin[r]; g < group_begin[r + 1]; ++g) {
+        add_row(acc.data(), rows + group[g] * dim, dim);
+        count += 1.0f;
+      }
+      divide_row(merged + (out0 + r) * dim, acc.data(), count, dim);
+    }
+  });
 }
 
 }  // namespace
@@ -100,65 +225,19 @@ template <typename T>
 void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t* keep_idx, double merge_weight,
                   const float* inv_norms, T* merged, int64_t* assign) {
   const float lambda = static_cast<float>(merge_weight);
-  std::vector<int64_t> kept, dropped, target, group_begin, group;
-  std::vector<float> inv, kept_inv, dropped_inv;
-  for (int64_t b = 0; b < im.count(); ++b) {
-    const int64_t first = im.tokens_begin[b], n = im.length(b), k = im.kept(b), out0 = im.kept_begin[b];
-    const T* rows = tokens + first * dim;
-    // Kept rows must be strictly ascending inside the image: checked, never trusted.
-    kept.resize(k);
-    dropped.clear();
-    for (int64_t r = 0, prev = -1; r < k; ++r) {
-      const int64_t t = keep_idx[out0 + r] - first;
-      TORCH_CHECK_VALUE(t > prev && t < n, "g2tr.merge: keep_idx of image ", b, " must be strictly ascending within [",
-                        first, ", ", first + n, "), got ", keep_idx[out0 + r], " at position ", out0 + r);
-      for (int64_t d = prev + 1; d < t; ++d) dropped.push_back(d);
-      kept[r] = t;
-      prev = t;
-      if (r == k - 1)
-        for (int64_t d = t + 1; d < n; ++d) dropped.push_back(d);
-    }
-    const float* image_inv = inv_norms ? inv_norms + first : nullptr;
-    if (!image_inv) {
-      inv.resize(n);
-      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) inv[t] = inv_norm(sumsq(rows + t * dim, dim));
-      });
-      image_inv = inv.data();
-    }
-    kept_inv.resize(k);
-    dropped_inv.resize(dropped.size());
-    for (int64_t r = 0; r < k; ++r) kept_inv[r] = image_inv[kept[r]];
-    for (size_t r = 0; r < dropped.size(); ++r) dropped_inv[r] = image_inv[dropped[r]];
-    target.resize(dropped.size());
-    if (!dropped.empty()) assign_image(rows, dim, dropped, kept, dropped_inv.data(), kept_inv.data(), target.data());
-
-    // Group dropped tokens by target; walking them in ascending order keeps each group ascending.
-    group_begin.assign(k + 1, 0);
-    for (int64_t tgt : target) ++group_begin[tgt + 1];
-    for (int64_t r = 0; r < k; ++r) group_begin[r + 1] += group_begin[r];
-    group.resize(dropped.size());
-    {
-      std::vector<int64_t> fill(group_begin.begin(), group_begin.end() - 1);
-      for (size_t r = 0; r < dropped.size(); ++r) group[fill[target[r]]++] = dropped[r];
-    }
-    for (int64_t r = 0; r < k; ++r) assign[first + kept[r]] = out0 + r;
-    for (size_t r = 0; r < dropped.size(); ++r) assign[first + dropped[r]] = out0 + target[r];
-
-    at::parallel_for(0, k, 8, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(dim);
-      for (int64_t r = begin; r < end; ++r) {
-        // (lambda * v_k + sum_j v_j) / (lambda + n_k), summed in ascending j like the reference.
-        scale_row(acc.data(), rows + kept[r] * dim, lambda, dim);
-        float count = lambda;
-        for (int64_t g = group_begin[r]; g < group_begin[r + 1]; ++g) {
-          add_row(acc.data(), rows + group[g] * dim, dim);
-          count += 1.0f;
-        }
-        divide_row(merged + (out0 + r) * dim, acc.data(), count, dim);
-      }
+  const MergePath path = merge_path_for(c10::CppTypeToScalarType<T>::value).path;
+  int64_t largest_work = 0;
+  for (int64_t b = 0; b < im.count(); ++b)
+    largest_work = std::max(largest_work, (im.length(b) - im.kept(b)) * im.kept(b) * dim);
+  if (im.count() > 1 && at::get_num_threads() > 1 && largest_work <= kSmallImageWork) {
+    at::parallel_for(0, im.count(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, merged, assign);
     });
+    return;
   }
+  for (int64_t b = 0; b < im.count(); ++b)
+    merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, merged, assign);
 }
 
 #define G2TR_INSTANTIATE(T) \

@@ -1,18 +1,39 @@
-"""End-to-end prefill: what G2TR saves in a real LLM forward, measured (`g2tr bench --e2e`).
+"""End to end, counting everything G2TR adds (`g2tr bench --e2e`).
 
-A random-weight Qwen2 decoder at a real Qwen2.5 width (transformers, built from a config,
-nothing downloaded) prefills the prompt of one BAGEL image (SHAPES.md M1: 70 x 70 = 4,900
-visual tokens between [SOI] and [EOI], plus text) once with all N visual tokens and once
-with the K that G2TR keeps; the reduction itself (g2tr_kernels.reduce on the M1 tokens and
-anchors) is timed on the same device and charged to the reduced run. Few layers keep it to
-about a minute on 2 CPU cores: every layer costs the same, so the ratio is what a deep
-model shows, less the parts outside the layers (embedding, head), which do not change.
+What G2TR saves is prefill time in the LLM; what it adds is the reduction itself and the
+anchors' cost. Both are measured here on the same device, in one run:
+
+- anchors, understanding mode: the image is encoded by the generation VAE only to build the
+  anchors, so G2TR pays for a FLUX-sized diffusers AutoencoderKL encoder (random weights,
+  built offline from its config: latent_channels 16, block_out_channels (128, 256, 512, 512),
+  layers_per_block 2) at the image's VAE resolution (BAGEL M1: 1024 x 1024 -> latent
+  16 x 128 x 128 -> patchify 2 -> 64 x 64 -> pool 2 -> 32 x 32 anchors), plus pooling and the
+  64 -> D projection (a random Linear standing in for BAGEL's vae2llm);
+- anchors, editing mode: the generation latent of the image exists anyway (it is the one
+  being edited), so only pooling and projection are G2TR's;
+- the reduction (g2tr_kernels.reduce on the ViT tokens and those anchors);
+- prefill per decoder layer with N and with K visual tokens: a random-weight Qwen2 decoder of
+  Qwen2.5-7B's shape (hidden 3584, intermediate 18944, 28 heads / 4 KV heads: BAGEL-7B's LLM)
+  built from a config (transformers, nothing downloaded), `layers` layers timed, interleaved.
+
+Every layer costs the same, so the measured per-layer times extrapolate to BAGEL-7B's depth
+L = 28 as a labelled ESTIMATE (parts outside the layers, embedding and head, are left out;
+they do not change with G2TR):
+  vanilla(L)            = L * t_N
+  G2TR editing(L)       = L * t_K + t_reduce + t_pool_project
+  G2TR understanding(L) = L * t_K + t_reduce + t_pool_project + t_vae
+  break-even depth      = (added cost) / (t_N - t_K)  layers
+On 2 CPU cores the VAE encoder at 1024^2 takes tens of seconds: it is timed `e2e_vae_repeats`
+times (default 1: a single call, which includes oneDNN's one-time setup), not in a loop.
 
 run_e2e(args) reads these attributes of args (an argparse Namespace, any object, a dict
 or None), with defaults:
-  e2e_hidden 2048 (3584 = Qwen2.5-7B, as BAGEL), e2e_layers 2, e2e_text 64 (text tokens),
-  e2e_workload "M1", e2e_repeats (default min(repeats, 2)), dtype "bfloat16", keep_ratio 0.5,
-  min_keep 32, warmup 1, seed 0, device "cpu", quick (tiny model and image: a smoke test).
+  e2e_hidden 3584, e2e_layers 1 (layers timed), e2e_depth 28 (layers of the estimate),
+  e2e_text 64 (text tokens), e2e_workload "M1", e2e_repeats (default min(repeats, 2)),
+  e2e_vae "flux" (or "none": skip the VAE), e2e_vae_resolution (default: from the workload's
+  anchor grid, 32 pixels per anchor cell; a small value such as 256 makes a quick check),
+  e2e_vae_repeats 1, dtype "bfloat16", keep_ratio 0.5, min_keep 32, warmup 1, seed 0,
+  device "cpu", quick (tiny model, VAE and image: a smoke test).
 """
 from __future__ import annotations
 
@@ -20,7 +41,7 @@ import dataclasses
 import platform
 import statistics
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -40,6 +61,21 @@ PAPER = (
 )
 
 
+# FLUX.1 AE (BAGEL's generation VAE), diffusers AutoencoderKL config; random weights.
+FLUX_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", norm_num_groups=32,
+    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
+# The smoke-test stand-in: the same structure (downsampling 8, 16 latent channels), tiny widths.
+TINY_VAE = dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+VAE_DOWNSAMPLE = 8  # FLUX AE: H x W -> H/8 x W/8
+BAGEL_PATCH, BAGEL_POOL = 2, 2  # latent patchify, then anchor pooling (SPEC.md §2)
+BAGEL_DEPTH = 28  # Qwen2.5-7B decoder layers
+
+
 def _get(args, name: str, default):
     if args is None:
         return default
@@ -48,12 +84,19 @@ def _get(args, name: str, default):
 
 
 def add_e2e_arguments(parser) -> None:
-    """Adds the --e2e-* options to an argparse parser (the cli may call this)."""
-    parser.add_argument("--e2e-hidden", type=int, default=None, help="LLM width (2048 default; 3584 = Qwen2.5-7B)")
-    parser.add_argument("--e2e-layers", type=int, default=None, help="decoder layers (default 2)")
+    """Adds the --e2e-* options to an argparse parser (the cli calls this)."""
+    parser.add_argument("--e2e-hidden", type=int, default=None, help="LLM width (default 3584 = Qwen2.5-7B, as BAGEL)")
+    parser.add_argument("--e2e-layers", type=int, default=None, help="decoder layers timed (default 1)")
+    parser.add_argument("--e2e-depth", type=int, default=None,
+                        help="layers of the extrapolated estimate (default 28 = BAGEL-7B)")
     parser.add_argument("--e2e-text", type=int, default=None, help="text tokens in the prompt (default 64)")
     parser.add_argument("--e2e-workload", default=None, help="image workload from SHAPES.md (default M1)")
     parser.add_argument("--e2e-repeats", type=int, default=None, help="timed prefills per length (default 2)")
+    parser.add_argument("--e2e-vae", choices=("flux", "none"), default=None,
+                        help="VAE encoder timed for understanding mode (default flux: FLUX AE, random weights)")
+    parser.add_argument("--e2e-vae-resolution", type=int, default=None,
+                        help="VAE input side in pixels (default: 32 per anchor cell, 1024 for M1); small = quick")
+    parser.add_argument("--e2e-vae-repeats", type=int, default=None, help="timed VAE encodes (default 1)")
 
 
 def qwen2_widths(hidden: int):
@@ -82,6 +125,13 @@ def build_llm(hidden: int, layers: int, dtype: torch.dtype, device, seed: int, w
     return model, config
 
 
+def build_vae(config: Dict[str, Any], dtype: torch.dtype, device, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**config).to(device=device, dtype=dtype).eval()
+
+
 def prefill_flops(config, length: int) -> float:
     """Matmul FLOPs of one causal prefill of `length` tokens through the decoder layers."""
     h, i = config.hidden_size, config.intermediate_size
@@ -108,23 +158,45 @@ def _time(fn, device, repeats: int) -> List[float]:
     return times
 
 
+def estimate(t_full: float, t_reduced: float, depth: int, added: Dict[str, float]) -> Dict[str, Any]:
+    """BAGEL-depth estimate from per-layer times: vanilla L*t_N vs L*t_K + what G2TR adds."""
+    saved_per_layer = t_full - t_reduced
+    out: Dict[str, Any] = {"depth": depth, "vanilla_s": depth * t_full,
+                           "formula": "vanilla = L * t_N; G2TR = L * t_K + added; break-even L = added / (t_N - t_K)"}
+    for mode, cost in added.items():
+        total = depth * t_reduced + cost
+        out[mode] = {
+            "added_s": cost,
+            "total_s": total,
+            "speedup": depth * t_full / total,
+            "break_even_layers": cost / saved_per_layer if saved_per_layer > 0 else float("inf"),
+        }
+    return out
+
+
 def run_e2e(args=None) -> Dict[str, Any]:
-    """Prefill with N vs K visual tokens plus the reduction's own cost. Returns numbers and markdown."""
+    """Anchors (VAE or latent), reduction, and prefill with N vs K visual tokens. Returns numbers and markdown."""
     quick = bool(_get(args, "quick", False))
-    hidden = int(_get(args, "e2e_hidden", 256 if quick else 2048))
-    layers = int(_get(args, "e2e_layers", 1 if quick else 2))
+    hidden = int(_get(args, "e2e_hidden", 256 if quick else 3584))
+    layers = int(_get(args, "e2e_layers", 1))
+    depth = int(_get(args, "e2e_depth", BAGEL_DEPTH))
     text = int(_get(args, "e2e_text", 64))
     workload_id = str(_get(args, "e2e_workload", "M1"))
     repeats = int(_get(args, "e2e_repeats", min(int(_get(args, "repeats", 2)), 2)))
     warmup = int(_get(args, "warmup", 1))
+    vae_kind = str(_get(args, "e2e_vae", "flux"))
+    vae_resolution = _get(args, "e2e_vae_resolution", None)
+    vae_repeats = int(_get(args, "e2e_vae_repeats", 1))
     dtype_name = str(_get(args, "dtype", "bfloat16"))
     keep_ratio = float(_get(args, "keep_ratio", 0.5))
     min_keep = int(_get(args, "min_keep", workloads.SMOKE_MIN_KEEP if quick else 32))
     seed = int(_get(args, "seed", 0))
     device = torch.device(_get(args, "device", None) or "cpu")
     dtype = getattr(torch, dtype_name)
-    if repeats < 1 or text < 0 or layers < 1:
-        raise ValueError("e2e: e2e_repeats and e2e_layers must be >= 1 and e2e_text >= 0")
+    if repeats < 1 or text < 0 or layers < 1 or depth < 1 or vae_repeats < 1:
+        raise ValueError("e2e: e2e_repeats, e2e_layers, e2e_depth and e2e_vae_repeats must be >= 1, e2e_text >= 0")
+    if vae_kind not in ("flux", "none"):
+        raise ValueError(f"e2e: e2e_vae must be 'flux' or 'none', got {vae_kind!r}")
 
     workload = workloads.get(workload_id)
     if quick:
@@ -132,6 +204,47 @@ def run_e2e(args=None) -> Dict[str, Any]:
     workload = dataclasses.replace(workload, dim=hidden)  # the connector output is as wide as the LLM
     tokens, anchors = workloads.make_inputs(workload, dtype=dtype, device=device, seed=seed)
     grids, anchor_grids = list(workload.grids), list(workload.anchor_grids)
+    images = workload.images
+    gen = torch.Generator().manual_seed(seed)
+
+    # ---- anchors: VAE encode (understanding mode only), then pooling + projection (both modes)
+    cell_pixels = VAE_DOWNSAMPLE * BAGEL_PATCH * BAGEL_POOL  # 32 pixels per anchor cell
+    sides = [(ha * cell_pixels, wa * cell_pixels) for ha, wa in anchor_grids]
+    if vae_resolution is not None:
+        scale = int(vae_resolution) / max(max(s) for s in sides)
+        sides = [(max(cell_pixels, round(h * scale / cell_pixels) * cell_pixels),
+                  max(cell_pixels, round(w * scale / cell_pixels) * cell_pixels)) for h, w in sides]
+    vae_config = TINY_VAE if quick else FLUX_VAE
+    projection = torch.nn.Linear(BAGEL_PATCH * BAGEL_PATCH * vae_config["latent_channels"], hidden)
+    projection = projection.to(device=device, dtype=dtype)
+    from ..anchors import anchors_from_latents, encode_latents
+
+    vae_times: List[float] = []
+    with torch.inference_mode():
+        pixels = [(torch.rand(3, h, w, generator=gen) * 2 - 1).to(device=device, dtype=dtype) for h, w in sides]
+        if vae_kind == "flux":
+            vae = build_vae(vae_config, dtype, device, seed)
+            latents: List[torch.Tensor] = []
+            for _ in range(vae_repeats):
+                _sync(device)
+                start = time.perf_counter()
+                latents = encode_latents(vae, pixels)
+                _sync(device)
+                vae_times.append(time.perf_counter() - start)
+            del vae
+        else:  # editing only: a stand-in for the generation latent the model holds anyway
+            latents = [torch.randn(vae_config["latent_channels"], h // VAE_DOWNSAMPLE, w // VAE_DOWNSAMPLE,
+                                   generator=gen).to(device=device, dtype=dtype) for h, w in sides]
+
+        def pool_project():
+            return anchors_from_latents(latents, projection, patch=BAGEL_PATCH, pool=BAGEL_POOL, dtype=dtype)
+
+        vae_anchors, vae_anchor_grids = pool_project()
+        pool_times = _time(pool_project, device, 3)
+    if vae_resolution is None:  # the anchors the reduction runs on are the VAE's own
+        if [tuple(g) for g in vae_anchor_grids] != [tuple(g) for g in anchor_grids]:
+            raise RuntimeError(f"e2e: VAE anchor grids {vae_anchor_grids} differ from the workload's {anchor_grids}")
+        anchors = vae_anchors
 
     def reduce():
         return ops.reduce(tokens, anchors, grids, anchor_grids, keep_ratio=keep_ratio, min_keep=min_keep)
@@ -140,12 +253,11 @@ def run_e2e(args=None) -> Dict[str, Any]:
         out = reduce()
         reduce_times = _time(reduce, device, max(3, repeats))
     n_visual, k_visual = tokens.shape[0], out.merged.shape[0]
-    images = workload.images
 
+    # ---- prefill with N and with K visual tokens
     started = time.perf_counter()
     model, config = build_llm(hidden, layers, dtype, device, seed)
     build_s = time.perf_counter() - started
-    gen = torch.Generator().manual_seed(seed)
     # The prompt: text before and after, [SOI] visual [EOI] per image; text rows are random embeddings.
     text_rows = (torch.randn(text + 2 * images, hidden, generator=gen) * 0.02).to(device=device, dtype=dtype)
 
@@ -174,33 +286,56 @@ def run_e2e(args=None) -> Dict[str, Any]:
         for _ in range(repeats):  # interleaved, so drift in the machine's speed hits both alike
             full_times += _time(prefill(full), device, 1)
             reduced_times += _time(prefill(reduced), device, 1)
-    del model
 
     full_s = statistics.median(full_times)
     reduced_s = statistics.median(reduced_times)
     reduce_s = statistics.median(reduce_times)
+    pool_s = statistics.median(pool_times)
+    vae_s = statistics.median(vae_times) if vae_times else None
+    added = {"editing": reduce_s + pool_s}
+    if vae_s is not None:
+        added["understanding"] = reduce_s + pool_s + vae_s
     flops_full, flops_reduced = prefill_flops(config, full.shape[1]), prefill_flops(config, reduced.shape[1])
+    try:
+        from .runner import machine_info
+
+        cpu = machine_info(device)["cpu"]
+    except Exception:
+        cpu = platform.processor() or platform.machine()
     result = {
         "config": {
             "llm": f"Qwen2 (random weights), hidden {hidden}, intermediate {config.intermediate_size}, "
-            f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, {layers} layers, sdpa",
-            "hidden": hidden, "layers": layers, "intermediate": config.intermediate_size,
+            f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, "
+            f"{layers} layer(s) timed, sdpa",
+            "hidden": hidden, "layers": layers, "depth": depth, "intermediate": config.intermediate_size,
             "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "workload": workload.id, "images": images, "grids": grids, "anchor_grids": anchor_grids,
             "text_tokens": text, "dtype": dtype_name, "keep_ratio": keep_ratio, "min_keep": min_keep,
             "device": str(device), "repeats": repeats, "warmup": warmup, "seed": seed,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "build_s": round(build_s, 2),
+            "threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__, "build_s": round(build_s, 2),
+            "vae": ("FLUX AE encoder (tiny smoke-test widths)" if quick else "FLUX AE encoder") + ", random weights, "
+            f"block_out_channels {vae_config['block_out_channels']}, "
+            f"layers_per_block {vae_config['layers_per_block']}, "
+            f"latent_channels {vae_config['latent_channels']}" if vae_kind == "flux" else "none",
+            "vae_inputs": [list(s) for s in sides], "vae_repeats": vae_repeats if vae_kind == "flux" else 0,
+            "anchors_from_vae": vae_resolution is None,
         },
         "visual_tokens": {"full": n_visual, "reduced": k_visual, "ratio": n_visual / k_visual},
         "sequence": {"full": full.shape[1], "reduced": reduced.shape[1], "ratio": full.shape[1] / reduced.shape[1]},
         "kv_cache_ratio": full.shape[1] / reduced.shape[1],
         "prefill_flops": {"full": flops_full, "reduced": flops_reduced, "ratio": flops_full / flops_reduced},
         "prefill_s": {"full": full_s, "reduced": reduced_s, "full_all": full_times, "reduced_all": reduced_times},
+        "per_layer_s": {"full": full_s / layers, "reduced": reduced_s / layers},
         "reduce_s": reduce_s,
+        "pool_project_s": pool_s,
+        "vae_s": vae_s,
+        "vae_all_s": vae_times,
         "reduce_share_of_reduced_prefill": reduce_s / reduced_s,
-        "speedup": full_s / (reduced_s + reduce_s),
+        # At the measured depth: editing mode (no VAE) and, where timed, understanding mode.
+        "speedup": full_s / (reduced_s + added["editing"]),
         "speedup_without_reduce": full_s / reduced_s,
+        "speedup_understanding": full_s / (reduced_s + added["understanding"]) if vae_s is not None else None,
+        "estimate": estimate(full_s / layers, reduced_s / layers, depth, added),
         "paper": PAPER,
     }
     result["markdown"] = markdown(result)
@@ -214,28 +349,69 @@ def _flops(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _s(value: Optional[float]) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f} s" if value >= 0.1 else f"{value * 1e3:.1f} ms"
+
+
+def _layers(value: float) -> str:
+    if value == float("inf"):
+        return "never (K tokens are not faster here)"
+    return f"{value:.1f} layers" if value >= 1 else f"{value:.2f} layers"
+
+
 def markdown(result: Dict[str, Any]) -> str:
     c, v, s = result["config"], result["visual_tokens"], result["sequence"]
-    p, f = result["prefill_s"], result["prefill_flops"]
+    p, f, e = result["prefill_s"], result["prefill_flops"], result["estimate"]
+    added_edit = result["reduce_s"] + result["pool_project_s"]
     lines = [
-        f"### End-to-end prefill ({c['workload']}, {c['device']}, {c['dtype']})",
+        f"### End-to-end, counting everything ({c['workload']}, {c['device']}, {c['dtype']}, {c['threads']} threads)",
         "",
-        f"{c['llm']}; prompt = {c['text_tokens']} text tokens + [SOI] visual [EOI] per image "
-        f"({c['images']} image(s)); keep ratio {c['keep_ratio']}; median of {c['repeats']} prefills, "
-        f"{c['threads']} threads.",
+        f"CPU: {c['cpu']}. LLM: {c['llm']}; prompt = {c['text_tokens']} text tokens + [SOI] visual [EOI] per image "
+        f"({c['images']} image(s)); keep ratio {c['keep_ratio']}; median of {c['repeats']} interleaved prefills. "
+        f"VAE: {c['vae']}, input {' + '.join(f'{h}x{w}' for h, w in c['vae_inputs'])}, timed {c['vae_repeats']} "
+        "time(s) (a single call includes oneDNN's one-time setup). Anchors: latent patchify 2, pool 2, a random "
+        f"Linear to D{' (the reduction runs on these anchors)' if c['anchors_from_vae'] else ''}.",
         "",
-        "| | visual tokens | prompt tokens | prefill FLOPs | prefill | + reduce | total |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| vanilla | {v['full']:,} | {s['full']:,} | {_flops(f['full'])} | {p['full']:.3f} s | | {p['full']:.3f} s |",
-        f"| G2TR | {v['reduced']:,} | {s['reduced']:,} | {_flops(f['reduced'])} | {p['reduced']:.3f} s "
-        f"| {result['reduce_s'] * 1e3:.1f} ms | {p['reduced'] + result['reduce_s']:.3f} s |",
-        f"| ratio | {v['ratio']:.2f}x | {s['ratio']:.2f}x | {f['ratio']:.2f}x | {p['full'] / p['reduced']:.2f}x | "
-        f"| **{result['speedup']:.2f}x** |",
+        f"Measured ({c['layers']} decoder layer(s)):",
         "",
-        f"Measured prefill speedup {result['speedup']:.2f}x including the reduction "
-        f"({result['reduce_share_of_reduced_prefill'] * 100:.1f}% of the reduced prefill at {c['layers']} layers; "
-        f"a deep model spreads it thinner), next to {v['ratio']:.2f}x fewer visual tokens and "
-        f"{f['ratio']:.2f}x fewer prefill FLOPs. KV cache {result['kv_cache_ratio']:.2f}x smaller. {result['paper']}.",
+        "| | visual tokens | prompt tokens | prefill FLOPs | prefill | + reduce | + pool & project | + VAE encode "
+        "| total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| vanilla | {v['full']:,} | {s['full']:,} | {_flops(f['full'])} | {_s(p['full'])} | | | | {_s(p['full'])} |",
+        f"| G2TR | {v['reduced']:,} | {s['reduced']:,} | {_flops(f['reduced'])} | {_s(p['reduced'])} "
+        f"| {_s(result['reduce_s'])} | {_s(result['pool_project_s'])} | | {_s(p['reduced'] + added_edit)} |",
+    ]
+    if result["vae_s"] is not None:
+        lines.append(f"| G2TR, understanding (VAE run for the anchors) | | | | | | | {_s(result['vae_s'])} "
+                     f"| {_s(p['reduced'] + added_edit + result['vae_s'])} |")
+    lines += [
+        f"| ratio | {v['ratio']:.2f}x | {s['ratio']:.2f}x | {f['ratio']:.2f}x | "
+        f"{p['full'] / p['reduced']:.2f}x | | | | "
+        f"editing **{result['speedup']:.2f}x**"
+        + (f", understanding **{result['speedup_understanding']:.2f}x**" if result["speedup_understanding"] else "")
+        + " |",
+        "",
+        f"ESTIMATE for a {e['depth']}-layer model (BAGEL-7B: Qwen2.5-7B, 28 layers) from the per-layer times "
+        f"t_N = {_s(result['per_layer_s']['full'])}, t_K = {_s(result['per_layer_s']['reduced'])}: {e['formula']}; "
+        "embedding and head left out (G2TR does not change them).",
+        "",
+        "| mode | G2TR adds | vanilla prefill | G2TR total | speedup | break-even depth |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    names = {"editing": "editing (latent reused: reduce + pool & project)",
+             "understanding": "understanding (VAE encode + pool & project + reduce)"}
+    for mode in ("editing", "understanding"):
+        if mode in e:
+            m = e[mode]
+            lines.append(f"| {names[mode]} | {_s(m['added_s'])} | {_s(e['vanilla_s'])} | {_s(m['total_s'])} "
+                         f"| **{m['speedup']:.2f}x** | {_layers(m['break_even_layers'])} |")
+    lines += [
+        "",
+        f"Prefill without G2TR's own costs: {result['speedup_without_reduce']:.2f}x faster, next to {v['ratio']:.2f}x "
+        f"fewer visual tokens and {f['ratio']:.2f}x fewer prefill FLOPs; KV cache {result['kv_cache_ratio']:.2f}x "
+        f"smaller. {result['paper']}.",
     ]
     return "\n".join(lines)
 

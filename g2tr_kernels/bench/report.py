@@ -148,9 +148,13 @@ def write_markdown(result: Dict[str, Any], path: str) -> None:
         f"- peak extra memory: {MEMORY_METHOD['cuda' if result['machine']['device'].startswith('cuda') else 'cpu']}.",
         "- vs base: speedup over the stage's base row (the reference path; for the mean-only stage, index_add). "
         "vs published: speedup over the published structure (whole reduction rows only). / floor: time divided by "
-        "the floor row, one plain fp32 matmul of each image's merge shape ((N-K) x D times D x K), summed over images, "
-        "same device, same run. A bf16 kernel can run below that fp32 floor where the CPU has bf16 dot-product "
-        "instructions.",
+        "the faster floor row, one plain matmul of each image's merge shape ((N-K) x D times D x K), "
+        "summed over images, in fp32 (MKL on the CPU) and, for bf16 inputs, in bf16 (oneDNN on the CPU), same "
+        "device, same run. "
+        "Rows `g2tr cpu, <path>` force the CPU merge onto one path (G2TR_CPU_MERGE); `g2tr cpu` is the automatic "
+        "choice (build_info()['cpu_merge']).",
+        "- cases are timed interleaved (every case's first call, then rounds of one timed call per case), so drift "
+        "in the machine's speed hits all of them alike.",
         "- errors are against the reference path on the same inputs: max |merged - ref| (or |scores - ref|); "
         "keep ≠: reference-kept tokens missing from the method's keep set; assign ≠: tokens whose output row differs. The published structure merges across images and "
         "computes its similarity in the input dtype, so its assign differs by design; ToMe and plain top-K follow "
@@ -259,7 +263,7 @@ def plot_bench(result: Dict[str, Any], path: str) -> None:
                              gridspec_kw={"height_ratios": heights})
     for ax, rec in zip(axes[:, 0], records):
         rows = [r for r in rec["rows"] if r.get("median_s") and r["kind"] != "floor"]
-        floor = next((r["median_s"] for r in rec["rows"] if r["kind"] == "floor" and r.get("median_s")), None)
+        floor = min((r["median_s"] for r in rec["rows"] if r["kind"] == "floor" and r.get("median_s")), default=None)
         labels = [f"{r['scope']}: {r['method']}" for r in rows]
         times = [r["median_s"] * 1e3 for r in rows]
         y = list(range(len(rows)))[::-1]
@@ -286,7 +290,7 @@ def plot_bench(result: Dict[str, Any], path: str) -> None:
         ax.set_xlim(lo / 2, hi * 6)
         ax.grid(axis="x", which="both", alpha=0.25)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
-    fig.legend(handles, ["g2tr (ours)", "reference", "published structure", "peer", "floor (fp32 matmul)"],
+    fig.legend(handles, ["g2tr (ours)", "reference", "published structure", "peer", "floor (faster matmul)"],
                loc="upper right", fontsize=8, ncol=5)
     machine = result["machine"]
     fig.suptitle(f"g2tr bench — {result['args']['dtype']}, {machine['device']}, {machine['cpu']}, "

@@ -50,12 +50,14 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
             cpu = found.group(1).strip()
         # The model name alone does not tell EPYC generations apart (family 25 model 17 is Zen 4).
         family, model = (re.search(rf"^{key}\s*:\s*(\d+)$", text, re.M) for key in ("cpu family", "model"))
+        vendor = re.search(r"^vendor_id\s*:\s*(\S+)$", text, re.M)
         if family and model:
-            cpu = f"{cpu}, family {family.group(1)} model {model.group(1)}"
+            cpu = f"{cpu}, {vendor.group(1) + ' ' if vendor else ''}family {family.group(1)} model {model.group(1)}"
         found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
         if found:
             present = set(found.group(1).split())
-            flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in present]
+            flags = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                                 "amx_bf16") if f in present]
     except OSError:
         pass
     info: Dict[str, Any] = {
@@ -196,7 +198,7 @@ SCOPE_TITLES = {
     "select": "stage III select (one seed per cell + fill)",
     "merge": "stage IV merge (assignment + mean), given the reference keep set",
     "accumulate": "stage IV mean only, given the reference assignment",
-    "floor": "floor: one fp32 matmul (N-K) x D times D x K per image",
+    "floor": "floors: one plain matmul (N-K) x D times D x K per image, in fp32 and in bf16",
 }
 
 
@@ -254,24 +256,35 @@ def _reduce_errors(ref, lengths: Sequence[int], budgets: Sequence[int]):
     return errors
 
 
-def floor_case(workload: Workload, keep_ratio: float, min_keep: int, device: torch.device, max_out_bytes=1 << 29) -> Case:
-    """The bound of the merge: one plain fp32 product (N-K) x D times D x K per image.
+FLOOR_DTYPES = (torch.float32, torch.bfloat16)
 
+
+def floor_name(dtype: torch.dtype) -> str:
+    return f"floor: {str(dtype).replace('torch.', '').replace('float32', 'fp32').replace('bfloat16', 'bf16')} matmul"
+
+
+def floor_case(workload: Workload, keep_ratio: float, min_keep: int, device: torch.device, max_out_bytes=1 << 29,
+               dtype: torch.dtype = torch.float32) -> Case:
+    """A bound of the merge: one plain product (N-K) x D times D x K per image, in `dtype`.
+
+    Two floors are timed, fp32 (MKL sgemm on the CPU) and bf16 (oneDNN on the CPU, fp32
+    accumulation); "/ floor" is against the faster, whichever engine that is on this machine.
     Operands are made once per distinct shape; products whose output exceeds
     max_out_bytes are done in row blocks into one reused buffer (the same FLOPs).
     """
     gen = torch.Generator().manual_seed(0)
     shapes = [(n - k, k) for n, k in zip(workload.lengths, workload.budgets(keep_ratio, min_keep))]
     d = workload.dim
+    size = torch.empty((), dtype=dtype).element_size()
     operands = {}
     for rows, k in set(shapes):
         if rows == 0 or k == 0:
             continue
-        block = max(1, min(rows, max_out_bytes // (4 * k)))
+        block = max(1, min(rows, max_out_bytes // (size * k)))
         operands[(rows, k)] = (
-            torch.randn(rows, d, generator=gen).to(device),
-            torch.randn(d, k, generator=gen).to(device),
-            torch.empty(block, k, device=device),
+            torch.randn(rows, d, generator=gen).to(device=device, dtype=dtype),
+            torch.randn(d, k, generator=gen).to(device=device, dtype=dtype),
+            torch.empty(block, k, device=device, dtype=dtype),
         )
 
     def run():
@@ -285,7 +298,59 @@ def floor_case(workload: Workload, keep_ratio: float, min_keep: int, device: tor
                 torch.mm(a[r0:r1], b, out=out[: r1 - r0])
         return None
 
-    return Case("floor: fp32 matmul", "floor", "floor", run, note="sum over images of (N-K)xD @ DxK in fp32")
+    engine = {torch.float32: "MKL sgemm", torch.bfloat16: "oneDNN, fp32 accumulation"}.get(dtype, "")
+    where = f" ({engine} on the CPU)" if device.type == "cpu" and engine else ""
+    return Case(floor_name(dtype), "floor", "floor", run, note=f"sum over images of (N-K)xD @ DxK in {dtype}{where}")
+
+
+def floor_cases(workload: Workload, keep_ratio: float, min_keep: int, device: torch.device,
+                input_dtype: torch.dtype = torch.bfloat16) -> List[Case]:
+    """Both floors for bf16 inputs; for fp32 and fp16 inputs only the fp32 one (a bf16 product
+    does not compute their similarities to the precision the merge needs)."""
+    dtypes = FLOOR_DTYPES if input_dtype == torch.bfloat16 else (torch.float32,)
+    return [floor_case(workload, keep_ratio, min_keep, device, dtype=dt) for dt in dtypes]
+
+
+# ----------------------------------------------------------------------------- CPU merge paths
+
+CPU_MERGE_PATHS = ("bf16_dot", "fp32_gemm", "bf16_gemm")
+CPU_MERGE_ENV = "G2TR_CPU_MERGE"
+
+
+class forced_cpu_merge:
+    """Runs the CPU merge on one path (G2TR_CPU_MERGE, read by the kernel on every call)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def __enter__(self):
+        self.saved = os.environ.get(CPU_MERGE_ENV)
+        if self.path is not None:
+            os.environ[CPU_MERGE_ENV] = self.path
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop(CPU_MERGE_ENV, None)
+        else:
+            os.environ[CPU_MERGE_ENV] = self.saved
+        return False
+
+
+def cpu_merge_paths(dtype: torch.dtype) -> Tuple[Optional[str], List[str]]:
+    """(the path the CPU merge takes for dtype now, [the paths this CPU can be forced onto])."""
+    try:
+        from .. import build_info
+
+        info = build_info()
+    except Exception:
+        return None, []
+    name = str(dtype).replace("torch.", "")
+    current = info.get("cpu_merge", {}).get(name, {}).get("path")
+    if dtype != torch.bfloat16:
+        return current, []
+    usable = [p for p in CPU_MERGE_PATHS if p != "bf16_dot" or info.get("cpu_features", {}).get("avx512_bf16")]
+    return current, usable
 
 
 def build_cases(
@@ -312,6 +377,17 @@ def build_cases(
                       "readable pure-PyTorch path (g2tr_kernels/reference)", baseline=True))
     for backend in backends:
         cases.append(Case(f"g2tr {backend}", "reduce", "ours", reduce_with(backend), reduce_errors))
+    if "cpu" in backends and device.type == "cpu":
+        # Every merge path this CPU can run, side by side with the automatic choice.
+        auto_path, paths = cpu_merge_paths(tokens.dtype)
+        run_cpu = reduce_with("cpu")
+        for path in paths:
+            def forced(path=path):
+                with forced_cpu_merge(path):
+                    return run_cpu()
+
+            cases.append(Case(f"g2tr cpu, {path}", "reduce", "ours", forced, reduce_errors,
+                              f"G2TR_CPU_MERGE={path}" + (" (the automatic choice here)" if path == auto_path else "")))
     cases.append(Case(
         "published structure", "reduce", "published",
         lambda: published.reduce(tokens, anchors, grids, anchor_grids, kr, mk),
@@ -413,28 +489,82 @@ def build_cases(
 # ----------------------------------------------------------------------------- running
 
 
-def run_case(case: Case, opts: Options, strict: bool) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"method": case.method, "scope": case.scope, "kind": case.kind, "note": case.note,
-                           "baseline": case.baseline}
-    try:
-        times, first = time_calls(case.run, opts.device, opts.warmup, opts.repeats)
-        row.update(median_s=statistics.median(times), min_s=min(times), times_s=times)
-        if case.errors is not None:
-            row.update(case.errors(first))
-        del first
-        if opts.memory:
-            row["peak_extra_bytes"] = peak_extra_memory(case.run, opts.device)
-    except Exception as error:
-        if strict:
-            raise
+def run_cases(cases: Sequence[Case], opts: Options, progress=None, desc: str = "") -> List[Dict[str, Any]]:
+    """Times every case interleaved: all first calls (warmup, errors), then `repeats` rounds of
+    one timed call per case (A B C A B C ...), so drift in the machine's speed (other jobs on
+    shared cores) hits every case alike; then one peak-memory call per case."""
+    rows: List[Dict[str, Any]] = []
+    live: List[Tuple[Case, Dict[str, Any], int]] = []
+    bar = progress(total=len(cases) * 2, desc=desc, leave=False) if progress else None
+
+    def failed(case: Case, row: Dict[str, Any], error: Exception) -> None:
+        if case.kind in ("ours", "reference"):
+            raise error
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return row
+
+    for case in cases:
+        row: Dict[str, Any] = {"method": case.method, "scope": case.scope, "kind": case.kind, "note": case.note,
+                               "baseline": case.baseline, "times_s": []}
+        rows.append(row)
+        if bar is not None:
+            bar.set_postfix_str(f"{case.scope}: {case.method}")
+        try:
+            synchronize(opts.device)
+            start = time.perf_counter()
+            first = case.run()
+            synchronize(opts.device)
+            long_call = time.perf_counter() - start > LONG_CALL_S
+            if case.errors is not None:
+                row.update(case.errors(first))
+            del first
+            for _ in range(0 if long_call else max(0, opts.warmup - 1)):
+                case.run()
+            live.append((case, row, 1 if long_call else opts.repeats))
+        except Exception as error:
+            failed(case, row, error)
+        if bar is not None:
+            bar.update(1)
+    for round_ in range(max(n for _, _, n in live) if live else 0):
+        for case, row, repeats in live:
+            if round_ >= repeats or "error" in row:
+                continue
+            try:
+                row["times_s"] += _one_call(case.run, opts.device)
+            except Exception as error:
+                failed(case, row, error)
+    for case, row, _ in live:
+        if "error" in row:
+            continue
+        times = row["times_s"]
+        row.update(median_s=statistics.median(times), min_s=min(times))
+        if opts.memory:
+            try:
+                row["peak_extra_bytes"] = peak_extra_memory(case.run, opts.device)
+            except Exception as error:
+                failed(case, row, error)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def _one_call(fn: Callable[[], Any], device: torch.device) -> List[float]:
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del out
+    return [elapsed]
 
 
 def _fill_ratios(rows: List[Dict[str, Any]]) -> None:
     base = {r["scope"]: r.get("median_s") for r in rows if r.get("baseline")}
     pub = next((r.get("median_s") for r in rows if r["kind"] == "published"), None)
-    floor = next((r.get("median_s") for r in rows if r["kind"] == "floor"), None)
+    # The faster floor: whichever engine (fp32 or bf16 GEMM) is quicker on this machine.
+    floors = [r["median_s"] for r in rows if r["kind"] == "floor" and r.get("median_s")]
+    floor = min(floors) if floors else None
     for r in rows:
         t = r.get("median_s")
         if not t:
@@ -454,17 +584,8 @@ def run_workload(workload: Workload, opts: Options, progress=None) -> Dict[str, 
     grids, anchor_grids = list(workload.grids), list(workload.anchor_grids)
     ref = ops.reduce(tokens, anchors, grids, anchor_grids, opts.keep_ratio, opts.min_keep, backend="reference")
     cases = build_cases(workload, tokens, anchors, ref, opts, backends)
-    cases.append(floor_case(workload, opts.keep_ratio, opts.min_keep, opts.device))
-    rows = []
-    bar = progress(total=len(cases), desc=workload.id, leave=False) if progress else None
-    for case in cases:
-        if bar is not None:
-            bar.set_postfix_str(f"{case.scope}: {case.method}")
-        rows.append(run_case(case, opts, strict=case.kind in ("ours", "reference")))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    cases += floor_cases(workload, opts.keep_ratio, opts.min_keep, opts.device, opts.dtype)
+    rows = run_cases(cases, opts, progress, workload.id)
     _fill_ratios(rows)
     budgets = workload.budgets(opts.keep_ratio, opts.min_keep)
     return {
