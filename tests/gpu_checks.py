@@ -173,7 +173,8 @@ def cases(device: str, smoke: bool) -> List[Case]:
             needs_cuda()
             tokens, anchors, op, args = raw_call(backend, "M1", 3584, seed=8)
             fn = torch.compile(lambda t, a: op(t, a, *args), fullgraph=True)
-            helpers.assert_outputs_bitwise_equal(f"{backend} torch.compile", to_cpu(g2tr.ReduceOutput(*fn(tokens, anchors))),
+            helpers.assert_outputs_bitwise_equal(f"{backend} torch.compile",
+                                                 to_cpu(g2tr.ReduceOutput(*fn(tokens, anchors))),
                                                  to_cpu(g2tr.ReduceOutput(*op(tokens, anchors, *args))))
             return {}
 

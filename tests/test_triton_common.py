@@ -46,7 +46,11 @@ def test_table_cache_keeps_what_a_capture_used_and_refuses_new_content_under_cap
 
 def test_launch_guard_sets_the_tensors_device(monkeypatch):
     entered = []
-    monkeypatch.setattr(common.torch.cuda, "device", lambda device: entered.append(device) or common.contextlib.nullcontext())
+    def fake_device(device):
+        entered.append(device)
+        return common.contextlib.nullcontext()
+
+    monkeypatch.setattr(common.torch.cuda, "device", fake_device)
     with common.launch_guard(types.SimpleNamespace(device=torch.device("cuda", 1))):
         pass
     assert entered == [torch.device("cuda", 1)]

@@ -74,7 +74,8 @@ def env_info() -> Dict:
         out = subprocess.run([info["nvcc"], "--version"], capture_output=True, text=True, check=False).stdout
         info["nvcc_version"] = out.strip().splitlines()[-1] if out.strip() else None
     if info["nvidia-smi"]:
-        out = subprocess.run([info["nvidia-smi"], "--query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu",
+        query = "--query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu"
+        out = subprocess.run([info["nvidia-smi"], query,
                               "--format=csv,noheader"], capture_output=True, text=True, check=False).stdout
         info["nvidia_smi"] = out.strip()
     return info
@@ -168,17 +169,17 @@ def profile_workloads(names, device_name: str, repeats: int, smoke: bool) -> Dic
         left = [[t[:n - k].contiguous() for n, k, t in _split(tokens, w.lengths, budgets)] for tokens, _ in sets]
         right = [[t[n - k:].t().contiguous() for n, k, t in _split(tokens, w.lengths, budgets)] for tokens, _ in sets]
 
-        def floor(i):
-            return [torch.mm(a, b) for a, b in zip(left[i], right[i])]  # noqa: B023, F821 (runs in this iteration, before the del)
+        def floor(i, left=left, right=right):
+            return [torch.mm(a, b) for a, b in zip(left[i], right[i])]
 
         flops = sum(2 * (n - k) * k * w.dim for n, k in zip(w.lengths, budgets))
         times = _timed(floor, device, repeats, 3)
         entry["rows"]["floor: bf16 torch.mm of the merge shapes"] = {"median_s": statistics.median(times),
                                                                      "tflops": flops / statistics.median(times) / 1e12}
         for backend in backends:
-            def call(i, backend=backend):
-                tokens, anchors = sets[i]  # noqa: B023, F821 (runs in this iteration, before the del)
-                return g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.5, min_keep, backend=backend)  # noqa: B023
+            def call(i, backend=backend, sets=sets, grids=grids, anchor_grids=anchor_grids):
+                tokens, anchors = sets[i]
+                return g2tr.reduce(tokens, anchors, grids, anchor_grids, 0.5, min_keep, backend=backend)
 
             try:
                 times = _timed(call, device, repeats, 3)

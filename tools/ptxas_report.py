@@ -249,7 +249,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="compile the Triton kernels offline for sm_80 and sm_90 and report those instead")
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--so", help="built library (glob allowed) whose SASS to check with cuobjdump")
-    parser.add_argument("--archs", help="archs every kernel must have, e.g. sm_80,sm_90 (default: all archs in the log)")
+    parser.add_argument("--archs",
+                        help="archs every kernel must have, e.g. sm_80,sm_90 (default: all archs in the log)")
     parser.add_argument("--allow-empty", action="store_true",
                         help="exit 0 when the log has no ptxas output (an incremental rebuild compiled nothing)")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ run_pytest -q benchmarks --benchmark-disable
 env -u TRITON_INTERPRET "$PY" tools/ptxas_report.py --triton --out build/triton_ptxas_report.md
 G2TR_PYTHON="$PY" bash tools/gpu_check.sh --dry-run
 # Other torch releases (2.11.0: the lent GPU machine's; 2.15.0: the newest): own venvs,
-# two wheels each from PyPI, the kernel test subset. .ci/run sets G2TR_TORCH_MATRIX=1.
+# a few wheels each from PyPI, the version-sensitive tests. Behind G2TR_TORCH_MATRIX=1.
 if [ "${G2TR_TORCH_MATRIX:-0}" = 1 ]; then
   G2TR_VENV="$VENV" bash tools/torch_matrix.sh
 fi

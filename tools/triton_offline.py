@@ -2,7 +2,7 @@
 ptxas -v output per kernel specialisation (tools/ptxas_report.py --triton reads it).
 
 Each kernel is compiled exactly as the launchers would launch it: the real launchers run
-on meta tensors of the real shapes, with wrap_triton replaced by JITFunction.warmup and
+on meta tensors of the real shapes, with _common.launch (wrap_triton) replaced by JITFunction.warmup and
 Triton's active driver by one that names the target arch. So block sizes, num_warps,
 num_stages and Triton's specialisation of the arguments (divisibility by 16, pointer
 alignment) are the launch's own. The PTX then goes through Triton's bundled ptxas with -v.
@@ -56,7 +56,8 @@ def _launches(arch: int, dims: Sequence[int] = DIMS, dtypes: Sequence[str] = DTY
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("triton_offline: unset TRITON_INTERPRET (interpreted kernels have no PTX)")
-    modules = {m: importlib.import_module(f"g2tr_kernels.triton.{m}") for m in ("anchor_scores", "balanced_topk", "merge")}
+    stems = ("anchor_scores", "balanced_topk", "merge")
+    modules = {m: importlib.import_module(f"g2tr_kernels.triton.{m}") for m in stems}
     reduce_mod = importlib.import_module("g2tr_kernels.triton.reduce")
     found: List[Tuple[str, object]] = []
     context = {"case": ""}
@@ -72,12 +73,12 @@ def _launches(arch: int, dims: Sequence[int] = DIMS, dtypes: Sequence[str] = DTY
 
             return call
 
-    saved = {m: mod.wrap_triton for m, mod in modules.items()}
+    saved = {m: mod.launch for m, mod in modules.items()}
     previous = driver._active  # None here: no GPU, no driver (reading .active would raise)
     driver.set_active(_OfflineDriver(arch))
     try:
         for mod in modules.values():
-            mod.wrap_triton = Warmup
+            mod.launch = Warmup
         lengths = [h * w for h, w in GRIDS]
         cell_counts = [h * w for h, w in ANCHOR_GRIDS]
         for name in dtypes:
@@ -97,7 +98,7 @@ def _launches(arch: int, dims: Sequence[int] = DIMS, dtypes: Sequence[str] = DTY
         modules["balanced_topk"].select(scores, cells, lengths, [n // 2 for n in lengths], cell_counts, [2, 2])
     finally:
         for m, mod in modules.items():
-            mod.wrap_triton = saved[m]
+            mod.launch = saved[m]
         driver._active = previous
     return found
 

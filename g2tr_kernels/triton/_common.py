@@ -218,6 +218,18 @@ def launchable(like: torch.Tensor, op: str) -> bool:
     return not is_fake(like) and like.device.type != "meta"
 
 
+def launch(kernel):
+    """What the launchers index with a grid: torch.library.wrap_triton(kernel), so that
+    torch.compile records the launch, or the kernel itself under the interpreter (nothing
+    traces interpreted kernels: launchable() refuses, and torch 2.11's wrap_triton rejects
+    Triton 3.6's InterpretedFunction)."""
+    if interpreted():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
 def launch_guard(like: torch.Tensor) -> ContextManager:
     """Makes like's GPU the current device for the launches inside it.
 

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _checks
 from ._common import (
@@ -25,6 +25,7 @@ from ._common import (
     image_table,
     interpreted,
     inv_norm,
+    launch,
     launch_guard,
     launchable,
     padded_width,
@@ -137,7 +138,7 @@ def score(
         norms_arg = torch.empty(1, dtype=torch.float32, device=device) if inv_norms is None else inv_norms
         best_arg = torch.empty(1, dtype=torch.int64, device=device) if cell_best is None else cell_best
         with launch_guard(tokens):
-            wrap_triton(_score_kernel)[grid](
+            launch(_score_kernel)[grid](
                 tokens, anchors, table, scores, cells, norms_arg, best_arg,
                 padded_width(dim), tokens.stride(0), anchors.stride(0), BLOCK_T=block_t, BLOCK_D=block_d,
                 WRITE_NORMS=inv_norms is not None, CELL_BEST=cell_best is not None, num_warps=4,

@@ -31,10 +31,10 @@ from typing import List, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _checks
-from ._common import count_blocks, image_table, launch_guard, launchable, rank_key, starts
+from ._common import count_blocks, image_table, launch, launch_guard, launchable, rank_key, starts
 
 # The select kernels read one int64 row per image (_image_row):
 # tok_begin, n, k, keep_begin, cell_count, quota, cell_begin.
@@ -183,13 +183,13 @@ def select(
     block_i, block_j = count_blocks()
     grid = (triton.cdiv(max(lengths), block_i), len(lengths))
     with launch_guard(scores):
-        wrap_triton(_seed_kernel)[grid](
+        launch(_seed_kernel)[grid](
             scores, cells, cell_best if cell_best is not None else torch.empty(1, dtype=torch.int64, device=device),
             table, seed,
             BLOCK_I=block_i, BLOCK_J=block_j, CELL_BEST=cell_best is not None,
         )
-        wrap_triton(_take_kernel)[grid](scores, seed, table, take, BLOCK_I=block_i, BLOCK_J=block_j)
-        wrap_triton(_compact_kernel)[grid](take, table, keep_idx, BLOCK_I=block_i)
+        launch(_take_kernel)[grid](scores, seed, table, take, BLOCK_I=block_i, BLOCK_J=block_j)
+        launch(_compact_kernel)[grid](take, table, keep_idx, BLOCK_I=block_i)
     return keep_idx
 
 

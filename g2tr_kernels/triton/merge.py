@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _checks
 from ._common import (
@@ -42,6 +42,7 @@ from ._common import (
     interpreted,
     inv_norm,
     key_index,
+    launch,
     launch_guard,
     launchable,
     padded_width,
@@ -366,7 +367,7 @@ def merge_tokens(
         b = len(lengths)
         block_t, block_d = (64, 128) if interpreted() else (32, 128)
         block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
-        wrap_triton(_prepare_kernel)[(triton.cdiv(max(lengths), block_t), b)](
+        launch(_prepare_kernel)[(triton.cdiv(max(lengths), block_t), b)](
             tokens, keep_idx, table, assign, dropped, inv_norms, width, tokens.stride(0),
             BLOCK_T=block_t, BLOCK_D=block_d, STEPS=max(budgets).bit_length(), WRITE_NORMS=write_norms,
         )
@@ -381,20 +382,22 @@ def merge_tokens(
             if splits is None:
                 splits = _splits(sum(triton.cdiv(m, block_m) for m in drops), kept_tiles, device)
             grid = (triton.cdiv(max_drop, block_m), max(1, min(splits, kept_tiles)), b)
-            wrap_triton(_assign_kernel)[grid](
-                tokens, keep_idx, dropped, inv_norms, table, best, width, tokens.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            launch(_assign_kernel)[grid](
+                tokens, keep_idx, dropped, inv_norms, table, best, width, tokens.stride(0),
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
             )
             block_i, block_j = count_blocks()
-            wrap_triton(_group_kernel)[(triton.cdiv(max_drop, block_i), b)](
+            launch(_group_kernel)[(triton.cdiv(max_drop, block_i), b)](
                 dropped, best, table, assign, group_tok, group_target, BLOCK_I=block_i, BLOCK_J=block_j,
             )
         block_r, mean_d = (64, block_d) if interpreted() else MEAN_TILES[tokens.dtype]
         mean_d = min(mean_d, block_d)
         # Rows D apart are not 16-element aligned for odd D: write padded rows, copy once.
         out = merged if width == dim else torch.empty((k_total, width), dtype=tokens.dtype, device=device)
-        wrap_triton(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, mean_d), b)](
-            tokens, keep_idx, group_tok, group_target, table, out, float(merge_weight), width, tokens.stride(0), out.stride(0),
+        launch(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, mean_d), b)](
+            tokens, keep_idx, group_tok, group_target, table, out, float(merge_weight), width,
+            tokens.stride(0), out.stride(0),
             BLOCK_R=block_r, BLOCK_D=mean_d, STEPS=max(max_drop, 1).bit_length(),
         )
         if out is not merged:
