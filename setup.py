@@ -47,7 +47,9 @@ def rel(paths):
 
 
 def extension():
-    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     sources += ["python/module.cpp"]
     # No contraction of a * b + c into FMA: the AVX-512, AVX2 and portable copies of the row
     # primitives (csrc/cpu/vec.cpp) then round alike, whatever CPU runs them.
@@ -60,7 +62,9 @@ def extension():
         )
     # sm_80 and sm_90 machine code, plus sm_90 PTX so newer GPUs can JIT it.
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    sources += rel(
+        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
+    )
     cuda_include = []
     try:  # the pip CUDA headers (cublas_v2.h, cusparse.h) that ATen/cuda/CUDAContext.h pulls in
         import nvidia

@@ -86,7 +86,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         chosen = [workloads.get(i) for i in ids]
     except KeyError as error:
-        raise SystemExit(f"g2tr bench: {error.args[0]}")
+        raise SystemExit(f"g2tr bench: {error.args[0]}") from None
     if args.quick:
         chosen = [w.tiny() for w in chosen]
     if args.min_keep is None:

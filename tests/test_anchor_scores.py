@@ -6,6 +6,7 @@ import torch
 
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
+
 from helpers import (
     SCORE_ATOL,
     WORKLOADS,

@@ -4,6 +4,7 @@ import torch
 
 import g2tr_kernels as g2tr
 from g2tr_kernels.anchors import anchors_from_latents, anchors_from_vae, encode_latents, patchify, pool_grid
+
 from helpers import tiny_vae
 
 

@@ -10,6 +10,7 @@ import torch
 
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
+
 from helpers import assert_bitwise_equal, backend_device, kernel_device, offsets, spec_selection
 
 NAN, INF = float("nan"), float("inf")

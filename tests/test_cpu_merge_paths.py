@@ -5,6 +5,10 @@ tools/test.sh also runs tests/test_merge.py and tests/test_reduce.py whole under
 path; these are the path-specific checks (bf16 inputs, where the paths differ)."""
 import pytest
 import torch
+
+import g2tr_kernels as g2tr
+from g2tr_kernels import _native
+
 from helpers import (
     WORKLOADS,
     assert_merge_matches,
@@ -14,9 +18,6 @@ from helpers import (
     make_ternary_workload,
     make_workload,
 )
-
-import g2tr_kernels as g2tr
-from g2tr_kernels import _native
 
 ENV = "G2TR_CPU_MERGE"
 

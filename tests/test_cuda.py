@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import g2tr_kernels as g2tr
+from g2tr_kernels import _native
+from g2tr_kernels._registry import NAMES
+
 from helpers import (
     DTYPE_IDS,
     DTYPES,
@@ -28,10 +33,6 @@ from helpers import (
     offsets,
     spec_budget,
 )
-
-import g2tr_kernels as g2tr
-from g2tr_kernels import _native
-from g2tr_kernels._registry import NAMES
 
 OPS = NAMES
 SELECT_MAX_TOKENS = 8192  # kSelectMaxTokens in csrc/cuda/kernels/balanced_topk.cuh

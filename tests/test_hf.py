@@ -8,7 +8,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from helpers import tiny_vae  # noqa: E402
 from transformers import (  # noqa: E402
     InternVLConfig,
     InternVLForConditionalGeneration,
@@ -20,6 +19,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 import g2tr_kernels as g2tr  # noqa: E402
 from g2tr_kernels.anchors import anchors_from_vae  # noqa: E402
 from g2tr_kernels.integrations.hf import apply_g2tr  # noqa: E402
+
+from helpers import tiny_vae  # noqa: E402
 
 IMG = 100  # image-context token id
 PAD = 0

@@ -16,13 +16,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from helpers import tiny_vae  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import g2tr_kernels as g2tr  # noqa: E402
 from g2tr_kernels.anchors import anchors_from_vae  # noqa: E402
 from g2tr_kernels.integrations.hf import apply_g2tr  # noqa: E402
 from g2tr_kernels.integrations.hf_support import FAMILIES, render_markdown  # noqa: E402
+
+from helpers import tiny_vae  # noqa: E402
 
 IMG, BOI, EOI, VID, BREAK, END = 100, 101, 102, 103, 104, 105
 PAD = 0

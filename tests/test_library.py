@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import g2tr_kernels as g2tr
 from g2tr_kernels._registry import BY_NAME, NAMES
+
 from helpers import assert_outputs_bitwise_equal, make_workload
 
 OPS = list(NAMES)
@@ -189,7 +190,7 @@ def test_compile_torch_ops_with_surrounding_code():
     got = torch.compile(fn, fullgraph=True)(tokens, anchors)
     want = fn(tokens, anchors)
     for name, g, w in zip(["merged", "keep_idx", "cu_seqlens", "scores", "assign"], got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")  # noqa: B023
 
 
 # ---------------------------------------------------------------------------- build_info

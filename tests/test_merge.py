@@ -6,6 +6,7 @@ import torch
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
 from g2tr_kernels.reference.budget import budget
+
 from helpers import (
     MERGED_TOL,
     assert_bitwise_equal,

@@ -7,8 +7,10 @@ from hypothesis import strategies as st
 
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
+
 from helpers import (
     DTYPES,
+    MERGED_TOL,
     assert_bitwise_equal,
     assert_close_report,
     assert_merge_matches,
@@ -19,13 +21,11 @@ from helpers import (
     make_ternary_workload,
     make_workload,
     merge_from_assign,
-    MERGED_TOL,
     offsets,
     spec_budget,
     spec_cells,
     spec_selection,
 )
-
 
 
 @st.composite

@@ -138,6 +138,7 @@ def _hf(ns):
     pytest.importorskip("diffusers")
     import diffusers
     import transformers
+
     import test_hf
     from helpers import tiny_vae
 
@@ -350,7 +351,8 @@ def test_the_cpp_block_is_one_whole_program():
 # Commands: every project command shown exists and takes the flags it is shown with.
 def _inline_commands(text: str) -> List[str]:
     spans = re.findall(r"`([^`\n]+)`", text)
-    starts = ("g2tr ", "bash tools/", "python -m g2tr_kernels", "pytest benchmarks", "python tools/",
+    # `g2tr` followed by one of its subcommands (a span like `g2tr cpu, <path>` is a table row label)
+    starts = ("g2tr bench", "g2tr info", "bash tools/", "python -m g2tr_kernels", "pytest benchmarks", "python tools/",
               ".venv/bin/python -m pytest", "python tests/")
     return [s for s in spans if s.startswith(starts)]
 
@@ -477,7 +479,7 @@ ENTRY_POINTS = [  # beyond g2tr_kernels.__all__: what the integrations sections 
     "integrations.pruning.fastv_scores", "integrations.pruning.fastv_keep_indexes",
     "integrations.pruning.g2tr_soft_matching", "integrations.pruning.tome_style_merge",
     "integrations.pruning.window_cells",
-    "layout.rebuild_packed", "layout.rebuild_padded",
+    "layout.rebuild_packed", "layout.rebuild_padded", "layout.gather_columns",
     "viz.image_reduction", "viz.draw_reduction",
 ]
 

@@ -7,6 +7,7 @@ import torch
 
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
+
 from helpers import (
     DTYPE_IDS,
     DTYPES,

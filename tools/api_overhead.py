@@ -32,6 +32,7 @@ archive = subprocess.run(["git", "-C", ROOT, "archive", opts.base, "g2tr_kernels
 subprocess.run(["tar", "-x", "-C", BASE], input=archive, check=True)
 
 import torch  # noqa: E402
+
 torch.set_num_threads(1)
 import g2tr_kernels as new  # noqa: E402
 from g2tr_kernels import _native, reference  # noqa: E402
@@ -42,6 +43,7 @@ sys.modules["old._native"] = _native
 sys.modules["old.reference"] = reference
 sys.modules["old.reference.budget"] = sys.modules["g2tr_kernels.reference.budget"]
 import old.ops as old_ops  # noqa: E402  (the base revision's ops.py and _checks.py)
+
 assert old_ops.__file__.startswith(BASE)
 t = torch.randn(4, 8); a = torch.randn(1, 8)
 s = torch.randn(4); c = torch.zeros(4, dtype=torch.long); k = torch.tensor([0, 2])

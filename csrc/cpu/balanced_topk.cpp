@@ -62,10 +62,9 @@ void select_tokens(const float* scores, const int64_t* cells, const Images& im, 
 namespace {
 
 at::Tensor balanced_topk_cpu(const at::Tensor& scores_in, const at::Tensor& cells_in, c10::IntArrayRef lengths,
-                             c10::IntArrayRef budgets, c10::IntArrayRef cell_counts,
-                             c10::IntArrayRef cell_quotas) {
-  const Images im = check_balanced_topk("g2tr.balanced_topk", scores_in, cells_in, lengths, budgets, cell_counts,
-                                        cell_quotas);
+                             c10::IntArrayRef budgets, c10::IntArrayRef cell_counts, c10::IntArrayRef cell_quotas) {
+  const Images im =
+      check_balanced_topk("g2tr.balanced_topk", scores_in, cells_in, lengths, budgets, cell_counts, cell_quotas);
   const at::Tensor scores = scores_in.contiguous(), cells = cells_in.contiguous();
   auto keep_idx = at::empty({im.kept_begin.back()}, cells.options());
   select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts.data(),

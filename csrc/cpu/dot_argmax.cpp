@@ -80,9 +80,8 @@ inline uint32_t load_last(const c10::BFloat16* p) { return p->x; }
 // One R x kPanel register tile over the whole of d, then its argmax epilogue merged
 // into the rows' running best (panels arrive in increasing column order).
 template <int R>
-G2TR_TARGET_BF16 void tile_panel(const c10::BFloat16* const* a_ptr, const pair_t* panel,
-                                 int64_t d, const float* a_scale, const float* b_scale,
-                                 int64_t col0, int64_t n, int64_t* best_idx,
+G2TR_TARGET_BF16 void tile_panel(const c10::BFloat16* const* a_ptr, const pair_t* panel, int64_t d,
+                                 const float* a_scale, const float* b_scale, int64_t col0, int64_t n, int64_t* best_idx,
                                  float* best_val) {
   __m512 acc[R][kVecs];
 #pragma GCC unroll 8
@@ -127,9 +126,7 @@ G2TR_TARGET_BF16 void tile_panel(const c10::BFloat16* const* a_ptr, const pair_t
 #pragma GCC unroll 4
   for (int c = 0; c < kVecs; ++c) {
     const int64_t left = n - (col0 + c * kLanes);
-    valid[c] = left >= kLanes ? __mmask16(0xFFFF)
-               : left <= 0    ? __mmask16(0)
-                              : __mmask16((1u << left) - 1u);
+    valid[c] = left >= kLanes ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
     bs[c] = _mm512_maskz_loadu_ps(valid[c], b_scale + col0 + c * kLanes);
     col[c] = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(col0 + c * kLanes)));
   }
@@ -149,7 +146,7 @@ G2TR_TARGET_BF16 void tile_panel(const c10::BFloat16* const* a_ptr, const pair_t
       best_col = _mm512_mask_mov_epi32(best_col, gt, col[c]);
     }
     const float panel_max = _mm512_reduce_max_ps(best);  // lanes hold no NaN
-    if (panel_max > best_val[r]) {  // strict: an earlier panel keeps its tie
+    if (panel_max > best_val[r]) {                       // strict: an earlier panel keeps its tie
       const __mmask16 at_max = _mm512_cmp_ps_mask(best, _mm512_set1_ps(panel_max), _CMP_EQ_OQ);
       const int j = _mm512_mask_reduce_min_epi32(at_max, best_col);
       // The winner's own value, so a +0/-0 tie reports the bits of the lowest column.
@@ -162,14 +159,12 @@ G2TR_TARGET_BF16 void tile_panel(const c10::BFloat16* const* a_ptr, const pair_t
 
 // Row tiles shorter than kRows (the tail of a block) get their own instantiation; each
 // accumulator is independent, so the per-(i, j) sequence is the same as in a full tile.
-G2TR_TARGET_BF16 void dispatch_tile(int rows, const c10::BFloat16* const* a_ptr,
-                                    const pair_t* panel, int64_t d, const float* a_scale,
-                                    const float* b_scale, int64_t col0, int64_t n,
+G2TR_TARGET_BF16 void dispatch_tile(int rows, const c10::BFloat16* const* a_ptr, const pair_t* panel, int64_t d,
+                                    const float* a_scale, const float* b_scale, int64_t col0, int64_t n,
                                     int64_t* best_idx, float* best_val) {
-#define G2TR_DA_CASE(R)                                                                \
-  case R:                                                                             \
-    if constexpr (R <= kRows)                                                         \
-      tile_panel<R>(a_ptr, panel, d, a_scale, b_scale, col0, n, best_idx, best_val); \
+#define G2TR_DA_CASE(R)                                                                                      \
+  case R:                                                                                                    \
+    if constexpr (R <= kRows) tile_panel<R>(a_ptr, panel, d, a_scale, b_scale, col0, n, best_idx, best_val); \
     break;
   switch (rows) {
     G2TR_DA_CASE(1)
@@ -215,8 +210,8 @@ G2TR_TARGET_BF16 inline void transpose_16x16_epi32(__m512i r[16]) {
 // Blocks of 16 columns x 16 pairs are transposed in registers so every store is a full
 // 64-byte line; masked loads supply the zero padding (odd d, columns past n) and never
 // read past the end of a source row.
-G2TR_TARGET_BF16 void pack_panels(const c10::BFloat16* B, int64_t ldb, const int64_t* rows,
-                                  int64_t n, int64_t d, pair_t* out) {
+G2TR_TARGET_BF16 void pack_panels(const c10::BFloat16* B, int64_t ldb, const int64_t* rows, int64_t n, int64_t d,
+                                  pair_t* out) {
   const int64_t pairs = num_pairs(d);
   for (int64_t p = 0; p < num_panels(n); ++p) {
     pair_t* panel = out + p * pairs * kPanel;
@@ -234,8 +229,7 @@ G2TR_TARGET_BF16 void pack_panels(const c10::BFloat16* B, int64_t ldb, const int
           r[c] = src[c] ? _mm512_maskz_loadu_epi16(mask, src[c] + 2 * k0) : _mm512_setzero_si512();
         transpose_16x16_epi32(r);
         const int64_t count = std::min<int64_t>(kLanes, pairs - k0);
-        for (int q = 0; q < count; ++q)
-          _mm512_storeu_si512(panel + (k0 + q) * kPanel + g * kLanes, r[q]);
+        for (int q = 0; q < count; ++q) _mm512_storeu_si512(panel + (k0 + q) * kPanel + g * kLanes, r[q]);
       }
     }
   }
@@ -260,12 +254,10 @@ bool dot_argmax_bf16_supported() {
 #endif
 }
 
-int64_t dot_argmax_packed_size(int64_t n, int64_t d) {
-  return num_panels(n) * num_pairs(d) * kPanel * 2;
-}
+int64_t dot_argmax_packed_size(int64_t n, int64_t d) { return num_panels(n) * num_pairs(d) * kPanel * 2; }
 
-void dot_argmax_pack_b(const c10::BFloat16* B, int64_t ldb, const int64_t* rows, int64_t n,
-                       int64_t d, c10::BFloat16* packed) {
+void dot_argmax_pack_b(const c10::BFloat16* B, int64_t ldb, const int64_t* rows, int64_t n, int64_t d,
+                       c10::BFloat16* packed) {
 #if G2TR_DOT_ARGMAX_X86
   pack_panels(B, ldb, rows, n, d, reinterpret_cast<pair_t*>(packed));
 #else
@@ -274,9 +266,8 @@ void dot_argmax_pack_b(const c10::BFloat16* B, int64_t ldb, const int64_t* rows,
 }
 
 void dot_argmax_rows(const c10::BFloat16* A, int64_t lda, const int64_t* a_rows, int64_t m,
-                     const c10::BFloat16* packed_b, int64_t n, int64_t d,
-                     const float* a_scale, const float* b_scale, int64_t* best_idx,
-                     float* best_val) {
+                     const c10::BFloat16* packed_b, int64_t n, int64_t d, const float* a_scale, const float* b_scale,
+                     int64_t* best_idx, float* best_val) {
   for (int64_t i = 0; i < m; ++i) {
     best_idx[i] = 0;
     best_val[i] = -std::numeric_limits<float>::infinity();
@@ -293,14 +284,13 @@ void dot_argmax_rows(const c10::BFloat16* A, int64_t lda, const int64_t* a_rows,
       for (int64_t t = i0; t < i1; t += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, i1 - t));
         for (int r = 0; r < rows; ++r) a_ptr[r] = A + (a_rows ? a_rows[t + r] : t + r) * lda;
-        dispatch_tile(rows, a_ptr, packed + p * panel_stride, d, a_scale + t, b_scale,
-                      p * kPanel, n, best_idx + t, best_val + t);
+        dispatch_tile(rows, a_ptr, packed + p * panel_stride, d, a_scale + t, b_scale, p * kPanel, n, best_idx + t,
+                      best_val + t);
       }
     }
   }
 #else
-  (void)A, (void)lda, (void)a_rows, (void)packed_b, (void)n, (void)d, (void)a_scale,
-      (void)b_scale;
+  (void)A, (void)lda, (void)a_rows, (void)packed_b, (void)n, (void)d, (void)a_scale, (void)b_scale;
 #endif
 }
 

@@ -26,8 +26,8 @@ int64_t dot_argmax_packed_size(int64_t n, int64_t d);
 // Packs rows B[rows[j]] (row stride ldb elements; rows == nullptr means row j) for
 // j in [0, n) into the panel layout dot_argmax_rows reads; zero-pads the tail pair of
 // an odd d and the columns past n. Writes all dot_argmax_packed_size(n, d) elements.
-void dot_argmax_pack_b(const c10::BFloat16* B, int64_t ldb, const int64_t* rows, int64_t n,
-                       int64_t d, c10::BFloat16* packed);
+void dot_argmax_pack_b(const c10::BFloat16* B, int64_t ldb, const int64_t* rows, int64_t n, int64_t d,
+                       c10::BFloat16* packed);
 
 // For rows A[a_rows[i]] (row stride lda; a_rows == nullptr means row i), i in [0, m):
 //   best_idx[i] = lowest j in [0, n) with the largest value(i, j); NaN never wins;
@@ -38,8 +38,7 @@ void dot_argmax_pack_b(const c10::BFloat16* B, int64_t ldb, const int64_t* rows,
 // buffer; the result of a row does not depend on the split. best_idx/best_val hold the
 // running best during the call, so they must not alias the inputs. Requires n < 2^31.
 void dot_argmax_rows(const c10::BFloat16* A, int64_t lda, const int64_t* a_rows, int64_t m,
-                     const c10::BFloat16* packed_b, int64_t n, int64_t d,
-                     const float* a_scale, const float* b_scale, int64_t* best_idx,
-                     float* best_val);
+                     const c10::BFloat16* packed_b, int64_t n, int64_t d, const float* a_scale, const float* b_scale,
+                     int64_t* best_idx, float* best_val);
 
 }  // namespace g2tr::cpu

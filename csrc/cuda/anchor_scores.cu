@@ -23,11 +23,11 @@ void launch_score_tokens(const at::Tensor& tokens, const at::Tensor* anchors, co
     for (const ImageTable& table : image_tables(im)) {
       const dim3 grid((max_length(table) + kScoreWarps - 1) / kScoreWarps, table.count);
       if (a != nullptr) {
-        score_tokens_kernel<T, true><<<grid, kScoreThreads, 0, stream>>>(x, a, dim, vectorized, table, scores, cells,
-                                                                         inv_norms);
+        score_tokens_kernel<T, true>
+            <<<grid, kScoreThreads, 0, stream>>>(x, a, dim, vectorized, table, scores, cells, inv_norms);
       } else {
-        score_tokens_kernel<T, false><<<grid, kScoreThreads, 0, stream>>>(x, nullptr, dim, vectorized, table,
-                                                                          nullptr, nullptr, inv_norms);
+        score_tokens_kernel<T, false>
+            <<<grid, kScoreThreads, 0, stream>>>(x, nullptr, dim, vectorized, table, nullptr, nullptr, inv_norms);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

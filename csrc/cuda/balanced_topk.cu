@@ -27,11 +27,11 @@ void launch_select_tokens(const float* scores, const int64_t* cells, const Image
     // Keys run up to the sentinel cell_count itself.
     const int cell_end_bit = bit_width(static_cast<uint32_t>(max_cells));
     if (max_length(table) <= SelectSmall::kCapacity) {
-      select_tokens_kernel<SelectSmall><<<table.count, SelectSmall::kThreads, 0, stream>>>(
-          scores, cells, table, cell_end_bit, keep_idx, cu_seqlens);
+      select_tokens_kernel<SelectSmall>
+          <<<table.count, SelectSmall::kThreads, 0, stream>>>(scores, cells, table, cell_end_bit, keep_idx, cu_seqlens);
     } else {
-      select_tokens_kernel<SelectLarge><<<table.count, SelectLarge::kThreads, 0, stream>>>(
-          scores, cells, table, cell_end_bit, keep_idx, cu_seqlens);
+      select_tokens_kernel<SelectLarge>
+          <<<table.count, SelectLarge::kThreads, 0, stream>>>(scores, cells, table, cell_end_bit, keep_idx, cu_seqlens);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -50,8 +50,8 @@ at::Tensor balanced_topk_cuda(const at::Tensor& scores_in, const at::Tensor& cel
   const at::Tensor scores = scores_in.contiguous(), cells = cells_in.contiguous();
   auto keep_idx = at::empty({im.kept_begin.back()}, cells.options());
   if (im.count() > 0)
-    launch_select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts,
-                         cell_quotas, keep_idx.data_ptr<int64_t>(), nullptr);
+    launch_select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts, cell_quotas,
+                         keep_idx.data_ptr<int64_t>(), nullptr);
   return keep_idx;
 }
 

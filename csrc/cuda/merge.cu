@@ -48,14 +48,14 @@ void launch_assign_mma(const at::Tensor& tokens, const std::vector<ImageTable>& 
   const auto* x = reinterpret_cast<const uint16_t*>(tokens.const_data_ptr());
   const bool vectorized = vectorizable(dim, 2, x);
   // 60 KB of pipeline: above the 48 KB default, so opt in (per device, cheap, capturable).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(assign_mma_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      mma::kSmemBytes));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(assign_mma_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, mma::kSmemBytes));
   for (const ImageTable& table : tables) {
     const int row_tiles = max_dropped_tiles(table, mma::kBlockRows);
     if (row_tiles == 0) continue;
     const dim3 grid(row_tiles, splits, table.count);
-    assign_mma_kernel<kBf16><<<grid, mma::kThreads, mma::kSmemBytes, stream>>>(x, dim, vectorized, keep_idx,
-                                                                                 inv_norms, table, splits, partials);
+    assign_mma_kernel<kBf16><<<grid, mma::kThreads, mma::kSmemBytes, stream>>>(x, dim, vectorized, keep_idx, inv_norms,
+                                                                               table, splits, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -136,7 +136,7 @@ void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64
     for (const ImageTable& table : tables) {
       const dim3 grid(max_kept(table), table.count);
       merge_rows_kernel<T><<<grid, kSumThreads, 0, stream>>>(x, dim, vectorized, keep_idx, table,
-                                                              static_cast<float>(merge_weight), groups, out);
+                                                             static_cast<float>(merge_weight), groups, out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -148,8 +148,7 @@ namespace {
 // the device (that would need a sync): a bad one gives unspecified rows, never an
 // out-of-bounds access; the CPU kernel raises instead.
 std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& tokens_in, const at::Tensor& keep_idx_in,
-                                              c10::IntArrayRef lengths, c10::IntArrayRef budgets,
-                                              double merge_weight) {
+                                              c10::IntArrayRef lengths, c10::IntArrayRef budgets, double merge_weight) {
   const char* op = "g2tr.merge";
   const Images im = check_merge(op, tokens_in, keep_idx_in, lengths, budgets, merge_weight);
   check_int_sizes(op, im);

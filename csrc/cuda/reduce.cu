@@ -13,8 +13,8 @@ namespace g2tr::cuda {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cuda(
-    const at::Tensor& tokens_in, const at::Tensor& anchors_in, c10::IntArrayRef grids,
-    c10::IntArrayRef anchor_grids, double keep_ratio, int64_t min_keep, double merge_weight) {
+    const at::Tensor& tokens_in, const at::Tensor& anchors_in, c10::IntArrayRef grids, c10::IntArrayRef anchor_grids,
+    double keep_ratio, int64_t min_keep, double merge_weight) {
   const char* op = "g2tr.reduce";
   const Images im = check_reduce(op, tokens_in, anchors_in, grids, anchor_grids, keep_ratio, min_keep, merge_weight);
   check_int_sizes(op, im);
@@ -27,8 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cu
   auto keep_idx = at::empty({k}, options.dtype(at::kLong));
   auto merged = at::empty({k, dim}, options);
   auto assign = at::empty({n}, options.dtype(at::kLong));
-  if (im.count() == 0)
-    return {merged, keep_idx, at::zeros({1}, options.dtype(at::kInt)), scores, assign};
+  if (im.count() == 0) return {merged, keep_idx, at::zeros({1}, options.dtype(at::kInt)), scores, assign};
   auto cu_seqlens = at::empty({im.count() + 1}, options.dtype(at::kInt));
   auto cells = at::empty({n}, options.dtype(at::kLong));
   auto inv_norms = at::empty({n}, options.dtype(at::kFloat));

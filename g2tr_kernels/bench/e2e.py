@@ -276,7 +276,7 @@ def run_e2e(args=None) -> Dict[str, Any]:
     full, reduced = prompt(tokens, workload.lengths), prompt(out.merged, kept)
 
     def prefill(x):
-        return lambda: model(inputs_embeds=x, use_cache=True)
+        return lambda: model(inputs_embeds=x, use_cache=True)  # noqa: F821 (called before `del model`)
 
     with torch.inference_mode():
         for _ in range(warmup):  # both lengths: the first call at a new length pays for allocations

@@ -166,7 +166,7 @@ def write_markdown(result: Dict[str, Any], path: str) -> None:
         lines += [f"## {workload_title(record)}", "", markdown_table(record), ""]
         lines += [f"- {line}" for line in cross_image_lines(record)]
         if record.get("skipped_backends"):
-            lines += [f"- skipped backends: " + "; ".join(f"{b}: {why}" for b, why in record["skipped_backends"].items())]
+            lines += ["- skipped backends: " + "; ".join(f"{b}: {why}" for b, why in record["skipped_backends"].items())]
         notes = [f"{r['method']} ({r['scope']}): {r['note']}" for r in record["rows"] if r.get("note")]
         lines += [f"- {n}" for n in dict.fromkeys(notes)] + [""]
     if result.get("costs"):

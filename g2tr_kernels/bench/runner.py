@@ -36,7 +36,6 @@ from ..reference.budget import cell_ids
 from . import peers, published
 from .workloads import Workload, make_inputs, single_image
 
-
 # ----------------------------------------------------------------------------- machine
 
 

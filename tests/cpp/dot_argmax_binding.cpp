@@ -17,8 +17,8 @@ const int64_t* opt_rows(const c10::optional<torch::Tensor>& rows) {
 }
 
 // `offset` elements of slack in front of the buffer to test an unaligned panel buffer.
-torch::Tensor pack(const torch::Tensor& B, const c10::optional<torch::Tensor>& rows, int64_t n,
-                   int64_t d, int64_t offset) {
+torch::Tensor pack(const torch::Tensor& B, const c10::optional<torch::Tensor>& rows, int64_t n, int64_t d,
+                   int64_t offset) {
   TORCH_CHECK(g2tr::cpu::dot_argmax_bf16_supported(), "no AVX512-BF16");
   TORCH_CHECK(B.scalar_type() == at::kBFloat16 && B.dim() == 2 && B.stride(1) == 1);
   const int64_t size = dot_argmax_packed_size(n, d);
@@ -29,18 +29,17 @@ torch::Tensor pack(const torch::Tensor& B, const c10::optional<torch::Tensor>& r
 }
 
 // Into an existing buffer, so timing excludes allocation and page faults.
-void pack_into(const torch::Tensor& B, const c10::optional<torch::Tensor>& rows, int64_t n,
-               int64_t d, torch::Tensor& out) {
+void pack_into(const torch::Tensor& B, const c10::optional<torch::Tensor>& rows, int64_t n, int64_t d,
+               torch::Tensor& out) {
   TORCH_CHECK(out.numel() == dot_argmax_packed_size(n, d) && out.is_contiguous());
   g2tr::cpu::dot_argmax_pack_b(B.data_ptr<at::BFloat16>(), B.stride(0), opt_rows(rows), n, d,
                                out.data_ptr<at::BFloat16>());
 }
 
 // Rows [splits[t], splits[t + 1]) form task t; tasks run under at::parallel_for.
-std::vector<torch::Tensor> rows(const torch::Tensor& A, const c10::optional<torch::Tensor>& a_rows,
-                                int64_t m, const torch::Tensor& packed, int64_t n, int64_t d,
-                                const torch::Tensor& a_scale, const torch::Tensor& b_scale,
-                                std::vector<int64_t> splits) {
+std::vector<torch::Tensor> rows(const torch::Tensor& A, const c10::optional<torch::Tensor>& a_rows, int64_t m,
+                                const torch::Tensor& packed, int64_t n, int64_t d, const torch::Tensor& a_scale,
+                                const torch::Tensor& b_scale, std::vector<int64_t> splits) {
   TORCH_CHECK(A.scalar_type() == at::kBFloat16 && A.dim() == 2 && A.stride(1) == 1);
   TORCH_CHECK(splits.size() >= 2 && splits.front() == 0 && splits.back() == m);
   auto idx = torch::full({m}, -5, torch::kInt64);
@@ -57,8 +56,8 @@ std::vector<torch::Tensor> rows(const torch::Tensor& A, const c10::optional<torc
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = splits[t], e = splits[t + 1];
       // Offsetting A itself when there is no row list exercises both addressing modes.
-      g2tr::cpu::dot_argmax_rows(ar ? a : a + b * lda, lda, ar ? ar + b : nullptr, e - b, pb, n,
-                                 d, as + b, bs, pi + b, pv + b);
+      g2tr::cpu::dot_argmax_rows(ar ? a : a + b * lda, lda, ar ? ar + b : nullptr, e - b, pb, n, d, as + b, bs, pi + b,
+                                 pv + b);
     }
   });
   return {idx, val};

@@ -47,11 +47,14 @@ int main() {
   for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
     auto tokens = torch::randn({37 * 37 + 25, 48}).to(dtype);
     auto anchors = torch::randn({16 * 16 + 12, 48}).to(dtype);
-    auto [merged, keep_idx, cu_seqlens, scores, assign] = reduce.call(tokens, anchors, grids, anchor_grids, 0.5, 32, 1.0);
+    auto [merged, keep_idx, cu_seqlens, scores, assign] =
+        reduce.call(tokens, anchors, grids, anchor_grids, 0.5, 32, 1.0);
     const std::string tag = std::string(" [") + c10::toString(dtype) + "]";
-    check(merged.size(0) == 684 + 25 && merged.size(1) == 48 && merged.scalar_type() == dtype, "merged shape and dtype" + tag);
-    check(cu_seqlens.scalar_type() == torch::kInt && cu_seqlens[1].item<int>() == 684 && cu_seqlens[2].item<int>() == 709,
-          "cu_seqlens: 684, then min_keep = 32 capped at N = 25" + tag);
+    check(merged.size(0) == 684 + 25 && merged.size(1) == 48 && merged.scalar_type() == dtype,
+          "merged shape and dtype" + tag);
+    check(
+        cu_seqlens.scalar_type() == torch::kInt && cu_seqlens[1].item<int>() == 684 && cu_seqlens[2].item<int>() == 709,
+        "cu_seqlens: 684, then min_keep = 32 capped at N = 25" + tag);
     check(scores.scalar_type() == torch::kFloat && scores.size(0) == tokens.size(0), "scores fp32 [N]" + tag);
     auto k0 = keep_idx.slice(0, 0, 684), k1 = keep_idx.slice(0, 684);
     check((k0.slice(0, 1) > k0.slice(0, 0, -1)).all().item<bool>() && k0.max().item<int64_t>() < 37 * 37,
@@ -70,8 +73,10 @@ int main() {
   check(torch::equal(merged, tokens) && torch::equal(keep_idx, torch::arange(36)), "keep_ratio 1.0 is the identity");
 
   // The stage ops compose to reduce.
-  auto scores_op = c10::Dispatcher::singleton().findSchemaOrThrow("g2tr::anchor_scores", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef)>();
+  auto scores_op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("g2tr::anchor_scores", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+                                                                 c10::IntArrayRef)>();
   auto [s, cells] = scores_op.call(tokens, anchors, {6, 6}, {3, 3});
   check(torch::equal(s, scores) && cells.max().item<int64_t>() == 8, "anchor_scores matches reduce's scores");
 
@@ -80,8 +85,9 @@ int main() {
                                 "non-positive grid");
   check_throws<c10::ValueError>([&] { reduce.call(tokens, anchors, {6, 6}, {3, 3}, 0.0, 32, 1.0); }, "keep_ratio",
                                 "keep_ratio 0");
-  check_throws<c10::TypeError>([&] { reduce.call(tokens.to(torch::kInt), anchors.to(torch::kInt), {6, 6}, {3, 3}, 0.5, 32, 1.0); },
-                               "tokens must be float32", "integer dtype");
+  check_throws<c10::TypeError>(
+      [&] { reduce.call(tokens.to(torch::kInt), anchors.to(torch::kInt), {6, 6}, {3, 3}, 0.5, 32, 1.0); },
+      "tokens must be float32", "integer dtype");
 
   std::cout << passed << " passed, " << failed << " failed\n";
   return failed == 0 ? 0 : 1;

@@ -139,8 +139,8 @@ __global__ void __launch_bounds__(Config::kThreads)
     if (p < im.length) {
       const int entry = smem.flags.token_and_seed[p];
       const bool is_seed = entry >> 15;
-      const bool keep = is_seed ? seed_rank[i] < im.kept
-                                : num_seeds < im.kept && p - seed_rank[i] < im.kept - num_seeds;
+      const bool keep =
+          is_seed ? seed_rank[i] < im.kept : num_seeds < im.kept && p - seed_rank[i] < im.kept - num_seeds;
       smem.flags.kept[entry & 0x7fff] = keep ? 1 : 0;
     }
   }

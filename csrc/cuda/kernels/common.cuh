@@ -23,8 +23,8 @@ constexpr int kMaxImagesPerLaunch = 64;
 // Per-image geometry of one launch. Offsets are absolute (packed rows of the whole
 // batch); the host checks that every one fits in an int.
 struct ImageTable {
-  int count;        // images in this launch
-  int first_image;  // index of image 0 of this launch in the batch
+  int count;                                 // images in this launch
+  int first_image;                           // index of image 0 of this launch in the batch
   int token_begin[kMaxImagesPerLaunch + 1];  // [count] is the end of the last image
   int kept_begin[kMaxImagesPerLaunch + 1];
   int anchor_begin[kMaxImagesPerLaunch];
@@ -36,10 +36,10 @@ struct ImageTable {
 
 // One image of a launch, as the kernels read it.
 struct ImageSpan {
-  int first;    // packed index of its first token
-  int length;   // its tokens
-  int kept0;    // first output row
-  int kept;     // its output rows (K)
+  int first;   // packed index of its first token
+  int length;  // its tokens
+  int kept0;   // first output row
+  int kept;    // its output rows (K)
   __device__ __forceinline__ int dropped() const { return length - kept; }
   // Rows of the packed dropped-token list come image after image: image b's start there
   // is (tokens before it) - (kept rows before it).
@@ -147,7 +147,7 @@ __device__ __forceinline__ void take_better(float& best_value, int& best_index, 
 // order in a stable radix sort, which gives "ties to the lower index".
 __device__ __forceinline__ uint32_t descending_score_key(float score) {
   uint32_t u = __float_as_uint(rank_value(score));
-  if ((u << 1) == 0u) u = 0u;                   // -0 -> +0
+  if ((u << 1) == 0u) u = 0u;                      // -0 -> +0
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // order-preserving map to unsigned
   return ~u;
 }

@@ -47,8 +47,8 @@ struct AssignPartials {
 // [row0, row0 + kRows), written to shared memory by the first kRows threads; every thread
 // of the block must call it (it ends with a barrier).
 template <int kRows>
-__device__ __forceinline__ void load_dropped_rows(const int64_t* keep_idx, const float* inv_norms,
-                                                  const ImageSpan& im, int row0, int* a_token, float* a_inv) {
+__device__ __forceinline__ void load_dropped_rows(const int64_t* keep_idx, const float* inv_norms, const ImageSpan& im,
+                                                  int row0, int* a_token, float* a_inv) {
   const int tid = threadIdx.x;
   if (tid < kRows) {
     const int d = row0 + tid;
@@ -62,11 +62,11 @@ __device__ __forceinline__ void load_dropped_rows(const int64_t* keep_idx, const
 // ---------------------------------------------------------------- stage 1, tensor cores
 
 namespace mma {
-constexpr int kBlockRows = 128;  // dropped rows per block (M)
-constexpr int kBlockCols = 128;  // kept rows per tile (N)
-constexpr int kBlockDepth = 32;  // features per pipeline stage (K)
-constexpr int kStages = 3;       // cp.async pipeline depth
-constexpr int kThreads = 256;    // 8 warps: 2 along M (64 rows each) x 4 along N (32 columns each)
+constexpr int kBlockRows = 128;          // dropped rows per block (M)
+constexpr int kBlockCols = 128;          // kept rows per tile (N)
+constexpr int kBlockDepth = 32;          // features per pipeline stage (K)
+constexpr int kStages = 3;               // cp.async pipeline depth
+constexpr int kThreads = 256;            // 8 warps: 2 along M (64 rows each) x 4 along N (32 columns each)
 constexpr int kPitch = kBlockDepth + 8;  // row pitch in elements: 80 bytes, conflict-free fragment loads
 constexpr int kStageElems = (kBlockRows + kBlockCols) * kPitch;
 constexpr int kSmemBytes = kStages * kStageElems * 2;  // 61440: dynamic shared memory, opted in
@@ -116,9 +116,9 @@ __global__ void __launch_bounds__(mma::kThreads)
   using namespace mma;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* pipe = reinterpret_cast<uint16_t*>(smem_raw);
-  __shared__ int a_token[kBlockRows];   // local token of each dropped row of the tile, -1 past the end
+  __shared__ int a_token[kBlockRows];  // local token of each dropped row of the tile, -1 past the end
   __shared__ float a_inv[kBlockRows];
-  __shared__ float b_inv[kBlockCols];   // inv_norm of the kept rows of the current column tile
+  __shared__ float b_inv[kBlockCols];  // inv_norm of the kept rows of the current column tile
 
   const ImageSpan im = image_span(table, blockIdx.z);
   const int row0 = blockIdx.x * kBlockRows;
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(mma::kThreads)
         const int j = __shfl_xor_sync(0xffffffffu, best_index[mt][h], offset);
         take_better(best_value[mt][h], best_index[mt][h], v, j);
       }
-  float* red_value = reinterpret_cast<float*>(smem_raw);     // [4][kBlockRows]
+  float* red_value = reinterpret_cast<float*>(smem_raw);                // [4][kBlockRows]
   int* red_index = reinterpret_cast<int*>(red_value + 4 * kBlockRows);  // [4][kBlockRows]
   if (quad == 0) {
 #pragma unroll
@@ -481,7 +481,8 @@ constexpr int kGroupChunk = kGroupThreads * kGroupItems;
 // ptxas from spilling a register in the radix sort (it does on sm_90 without it).
 __global__ void __launch_bounds__(kGroupThreads, 1)
     group_kernel(const int64_t* __restrict__ keep_idx, const __grid_constant__ ImageTable table, int splits,
-                 int block_cols, AssignPartials partials, int target_end_bit, int64_t* __restrict__ assign, MergeGroups groups) {
+                 int block_cols, AssignPartials partials, int target_end_bit, int64_t* __restrict__ assign,
+                 MergeGroups groups) {
   using Sort = cub::BlockRadixSort<uint32_t, kGroupThreads, kGroupItems, int>;
   using Scan = cub::BlockScan<int, kGroupThreads>;
   using Discontinuity = cub::BlockDiscontinuity<uint32_t, kGroupThreads>;
@@ -604,7 +605,8 @@ __global__ void __launch_bounds__(kSumThreads)
   const T* kept_row = tokens + (static_cast<int64_t>(im.first) + kept_token(keep_idx, im, r)) * dim;
   T* out = merged + row * dim;
   auto member_row = [&](int g) {
-    return tokens + (static_cast<int64_t>(im.first) + clamp_index(static_cast<int64_t>(member[g]) - im.first, im.length)) * dim;
+    return tokens +
+           (static_cast<int64_t>(im.first) + clamp_index(static_cast<int64_t>(member[g]) - im.first, im.length)) * dim;
   };
   // The CPU's count: merge_weight, then + 1 per absorbed token, in fp32.
   float count = merge_weight;
