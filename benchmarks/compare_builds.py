@@ -79,7 +79,8 @@ def main() -> None:
                 medians[name].append(json.loads(out.stdout.strip().splitlines()[-1])["median_s"])
         before, after = statistics.median(medians["before"]), statistics.median(medians["after"])
         print(f"reduce {args.workload} {args.dtype}: before {before * 1e3:.2f} ms, after {after * 1e3:.2f} ms, "
-              f"after / before = {after / before:.3f}  (medians of {args.rounds} alternating rounds x {args.reps} calls)")
+              f"after / before = {after / before:.3f}  "
+              f"(medians of {args.rounds} alternating rounds x {args.reps} calls)")
         print(json.dumps({k: [round(v * 1e3, 3) for v in vs] for k, vs in medians.items()}))
 
 

@@ -122,7 +122,8 @@ def reduce_padded(
     (h, w), (h_a, w_a) = (_one_pair(op, name, g) for name, g in (("grid", grid), ("anchor_grid", anchor_grid)))
     b, n, d = tokens.shape
     out = reduce(
-        tokens.reshape(b * n, d), anchors.reshape(b * anchors.shape[1], anchors.shape[2]), [(h, w)] * b, [(h_a, w_a)] * b,
+        tokens.reshape(b * n, d), anchors.reshape(b * anchors.shape[1], anchors.shape[2]),
+        [(h, w)] * b, [(h_a, w_a)] * b,
         keep_ratio, min_keep, merge_weight, backend, check_finite,
     )
     k = budget(n, keep_ratio, min_keep)

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import g2tr_kernels as g2tr
-from g2tr_kernels import reference
-
-from g2tr_kernels import _native
+from g2tr_kernels import _native, reference
 
 try:
     import triton  # noqa: F401

@@ -280,7 +280,8 @@ def test_fuzz_raw_balanced_topk_and_merge(cases):
 @FUZZ
 @given(st.lists(st.one_of(*[grid_case(op, "api", b) for op in ("reduce", "reduce_padded", "anchor_scores")
                             for b in ("cpu", "reference")],
-                          *[lengths_case(op, "api", b) for op in ("balanced_topk", "merge") for b in ("cpu", "reference")]),
+                          *[lengths_case(op, "api", b) for op in ("balanced_topk", "merge")
+                            for b in ("cpu", "reference")]),
                 min_size=BATCH, max_size=BATCH))
 def test_fuzz_api(cases):
     run_batch(cases)

@@ -12,8 +12,8 @@
 namespace g2tr::cpu {
 
 template <typename T>
-void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores,
-                  int64_t* cells, float* inv_norms, float* pow2s) {
+void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores, int64_t* cells,
+                  float* inv_norms, float* pow2s) {
   // The anchor's norm is summed beside the dot product (the anchor row is read anyway), so
   // anchors no token falls on (anchor grids finer than the ViT grid) cost nothing.
   at::parallel_for(0, im.tokens_begin.back(), 16, [&](int64_t begin, int64_t end) {
@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_scores_cpu(const at::Tensor& tokens_in
   auto scores = at::empty({tokens.size(0)}, tokens.options().dtype(at::kFloat));
   auto cells = at::empty({tokens.size(0)}, tokens.options().dtype(at::kLong));
   G2TR_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "g2tr_anchor_scores", [&] {
-    score_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(), tokens.size(1),
-                           im, scores.data_ptr<float>(), cells.data_ptr<int64_t>(), nullptr, nullptr);
+    score_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(), tokens.size(1), im,
+                           scores.data_ptr<float>(), cells.data_ptr<int64_t>(), nullptr, nullptr);
   });
   return {scores, cells};
 }

@@ -12,8 +12,8 @@ namespace g2tr::cpu {
 // and pow2s[i], with token i / max(|token i|, eps) = (token i * pow2s[i]) * inv_norms[i]):
 // one pass over the tokens, whose norms the merge reuses.
 template <typename T>
-void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores,
-                  int64_t* cells, float* inv_norms, float* pow2s);
+void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& im, float* scores, int64_t* cells,
+                  float* inv_norms, float* pow2s);
 
 // Kept indices of every image (global, ascending) into keep_idx[kept_begin[b] ...].
 void select_tokens(const float* scores, const int64_t* cells, const Images& im, const int64_t* cell_counts,

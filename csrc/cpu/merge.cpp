@@ -91,8 +91,10 @@ void assign_fp32_gemm(const T* rows, int64_t dim, const std::vector<int64_t>& dr
   auto widen = [&](const std::vector<int64_t>& which, const float* pow2, int64_t first, int64_t count, float* out) {
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        if (pow2) scale_row(out + j * dim, rows + which[first + j] * dim, pow2[first + j], dim);
-        else widen_row(out + j * dim, rows + which[first + j] * dim, dim);
+        if (pow2)
+          scale_row(out + j * dim, rows + which[first + j] * dim, pow2[first + j], dim);
+        else
+          widen_row(out + j * dim, rows + which[first + j] * dim, dim);
       }
     });
   };
@@ -145,8 +147,8 @@ void assign_bf16_dot(const c10::BFloat16* rows, int64_t dim, const std::vector<i
     std::vector<float> best_val(rows_per_task);
     for (int64_t t = task_begin; t < task_end; ++t) {
       const int64_t r0 = t * rows_per_task, rows_here = std::min(rows_per_task, m - r0);
-      dot_argmax_rows(rows, dim, dropped.data() + r0, rows_here, packed, n, dim, a_scale + r0, b_scale,
-                      best + r0, best_val.data());
+      dot_argmax_rows(rows, dim, dropped.data() + r0, rows_here, packed, n, dim, a_scale + r0, b_scale, best + r0,
+                      best_val.data());
     }
   });
 }
@@ -275,9 +277,9 @@ void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t*
     merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, pow2s, merged, assign);
 }
 
-#define G2TR_INSTANTIATE(T)                                                                                  \
-  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*,  \
-                                const float*, T*, int64_t*);
+#define G2TR_INSTANTIATE(T)                                                                                           \
+  template void merge_tokens<T>(const T*, int64_t, const Images&, const int64_t*, double, const float*, const float*, \
+                                T*, int64_t*);
 G2TR_INSTANTIATE(float)
 G2TR_INSTANTIATE(c10::BFloat16)
 G2TR_INSTANTIATE(c10::Half)
@@ -286,8 +288,7 @@ G2TR_INSTANTIATE(c10::Half)
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& tokens_in, const at::Tensor& keep_idx_in,
-                                             c10::IntArrayRef lengths, c10::IntArrayRef budgets,
-                                             double merge_weight) {
+                                             c10::IntArrayRef lengths, c10::IntArrayRef budgets, double merge_weight) {
   const Images im = check_merge("g2tr.merge", tokens_in, keep_idx_in, lengths, budgets, merge_weight);
   const at::Tensor tokens = tokens_in.contiguous(), keep_idx = keep_idx_in.contiguous();
   auto merged = at::empty({im.kept_begin.back(), tokens.size(1)}, tokens.options());

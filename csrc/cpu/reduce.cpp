@@ -9,8 +9,8 @@ namespace g2tr::cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cpu(
-    const at::Tensor& tokens_in, const at::Tensor& anchors_in, c10::IntArrayRef grids,
-    c10::IntArrayRef anchor_grids, double keep_ratio, int64_t min_keep, double merge_weight) {
+    const at::Tensor& tokens_in, const at::Tensor& anchors_in, c10::IntArrayRef grids, c10::IntArrayRef anchor_grids,
+    double keep_ratio, int64_t min_keep, double merge_weight) {
   const char* op = "g2tr.reduce";
   const Images im = check_reduce(op, tokens_in, anchors_in, grids, anchor_grids, keep_ratio, min_keep, merge_weight);
   const at::Tensor tokens = tokens_in.contiguous(), anchors = anchors_in.contiguous();
@@ -32,10 +32,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cp
                            pow2s.data_ptr<float>());
     select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts.data(),
                   quotas.data(), keep_idx.data_ptr<int64_t>());
-    merge_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), dim, im, keep_idx.const_data_ptr<int64_t>(),
-                           merge_weight, inv_norms.const_data_ptr<float>(), pow2s.const_data_ptr<float>(),
-                           merged.data_ptr<scalar_t>(),
-                           assign.data_ptr<int64_t>());
+    merge_tokens<scalar_t>(tokens.const_data_ptr<scalar_t>(), dim, im, keep_idx.const_data_ptr<int64_t>(), merge_weight,
+                           inv_norms.const_data_ptr<float>(), pow2s.const_data_ptr<float>(),
+                           merged.data_ptr<scalar_t>(), assign.data_ptr<int64_t>());
   });
   return {merged, keep_idx, cu_seqlens, scores, assign};
 }

@@ -2,9 +2,9 @@
 //
 // Sums are accumulated in kLanes independent partial sums combined in a fixed tree, so
 // the compiler may vectorise them (no reassociation needed) and, with FMA contraction off
-// (setup.py: -ffp-contract=off), the result does not depend on the vector width. target_clones builds an AVX-512 and an AVX2 copy beside
-// the portable one, chosen once at load time; a machine always runs the same copy, so
-// results are bitwise reproducible.
+// (setup.py: -ffp-contract=off), the result does not depend on the vector width. target_clones builds an AVX-512 and an
+// AVX2 copy beside the portable one, chosen once at load time; a machine always runs the same copy, so results are
+// bitwise reproducible.
 #include "vec.h"
 
 #include <cmath>
@@ -52,8 +52,8 @@ G2TR_INLINE float tree_sum(float* acc) {
 // Scaled: each element times a power of two first (exact), for rows of extreme magnitude;
 // a separate instantiation, so the plain one is the loop it always was.
 template <bool Scaled, typename T>
-G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float px, float py, float* dot,
-                                     float* x_sumsq, float* y_sumsq) {
+G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float px, float py, float* dot, float* x_sumsq,
+                                     float* y_sumsq) {
   float acc_dot[kLanes] = {0}, acc_xx[kLanes] = {0}, acc_yy[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
@@ -107,29 +107,28 @@ G2TR_INLINE float max_abs_impl(const T* x, int64_t d) {
 
 }  // namespace
 
-#define G2TR_DEFINE_ROW_KERNELS(T)                                                                       \
-  G2TR_CLONES void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq,         \
-                                  float* y_sumsq) {                                                      \
-    dot_and_sumsqs_impl<false>(x, y, d, 1.0f, 1.0f, dot, x_sumsq, y_sumsq);                             \
-  }                                                                                                      \
-  G2TR_CLONES float sumsq(const T* x, int64_t d) { return sumsq_impl<false>(x, d, 1.0f); }               \
-  void dot_and_sumsqs_scaled(const T* x, const T* y, int64_t d, float px, float py, float* dot,          \
-                             float* x_sumsq, float* y_sumsq) {                                           \
-    dot_and_sumsqs_impl<true>(x, y, d, px, py, dot, x_sumsq, y_sumsq);                                   \
-  }                                                                                                      \
-  float sumsq_scaled(const T* x, int64_t d, float px) { return sumsq_impl<true>(x, d, px); }             \
-  float max_abs(const T* x, int64_t d) { return max_abs_impl(x, d); }                                    \
-  G2TR_CLONES void scale_row(float* acc, const T* x, float s, int64_t d) {                               \
-    for (int64_t i = 0; i < d; ++i) acc[i] = widen(x[i]) * s;                                            \
-  }                                                                                                      \
-  G2TR_CLONES void add_row(float* acc, const T* x, int64_t d) {                                          \
-    for (int64_t i = 0; i < d; ++i) acc[i] += widen(x[i]);                                               \
-  }                                                                                                      \
-  G2TR_CLONES void widen_row(float* out, const T* x, int64_t d) {                                        \
-    for (int64_t i = 0; i < d; ++i) out[i] = widen(x[i]);                                                \
-  }                                                                                                      \
-  G2TR_CLONES void divide_row(T* out, const float* acc, float count, int64_t d) {                        \
-    for (int64_t i = 0; i < d; ++i) narrow(out + i, acc[i] / count);                                     \
+#define G2TR_DEFINE_ROW_KERNELS(T)                                                                                 \
+  G2TR_CLONES void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq, float* y_sumsq) { \
+    dot_and_sumsqs_impl<false>(x, y, d, 1.0f, 1.0f, dot, x_sumsq, y_sumsq);                                        \
+  }                                                                                                                \
+  G2TR_CLONES float sumsq(const T* x, int64_t d) { return sumsq_impl<false>(x, d, 1.0f); }                         \
+  void dot_and_sumsqs_scaled(const T* x, const T* y, int64_t d, float px, float py, float* dot, float* x_sumsq,    \
+                             float* y_sumsq) {                                                                     \
+    dot_and_sumsqs_impl<true>(x, y, d, px, py, dot, x_sumsq, y_sumsq);                                             \
+  }                                                                                                                \
+  float sumsq_scaled(const T* x, int64_t d, float px) { return sumsq_impl<true>(x, d, px); }                       \
+  float max_abs(const T* x, int64_t d) { return max_abs_impl(x, d); }                                              \
+  G2TR_CLONES void scale_row(float* acc, const T* x, float s, int64_t d) {                                         \
+    for (int64_t i = 0; i < d; ++i) acc[i] = widen(x[i]) * s;                                                      \
+  }                                                                                                                \
+  G2TR_CLONES void add_row(float* acc, const T* x, int64_t d) {                                                    \
+    for (int64_t i = 0; i < d; ++i) acc[i] += widen(x[i]);                                                         \
+  }                                                                                                                \
+  G2TR_CLONES void widen_row(float* out, const T* x, int64_t d) {                                                  \
+    for (int64_t i = 0; i < d; ++i) out[i] = widen(x[i]);                                                          \
+  }                                                                                                                \
+  G2TR_CLONES void divide_row(T* out, const float* acc, float count, int64_t d) {                                  \
+    for (int64_t i = 0; i < d; ++i) narrow(out + i, acc[i] / count);                                               \
   }
 
 G2TR_DEFINE_ROW_KERNELS(float)

@@ -10,23 +10,23 @@
 
 namespace g2tr::cpu {
 
-#define G2TR_DECLARE_ROW_KERNELS(T)                                                      \
-  /* *dot = <x, y>, *x_sumsq = <x, x>, *y_sumsq = <y, y>: one read of x and y */        \
-  void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq, float* y_sumsq); \
-  float sumsq(const T* x, int64_t d);                                                    \
-  /* the same sums of x * px and y * py (px, py: powers of two, common.h cosine_pow2) */ \
+#define G2TR_DECLARE_ROW_KERNELS(T)                                                                             \
+  /* *dot = <x, y>, *x_sumsq = <x, x>, *y_sumsq = <y, y>: one read of x and y */                                \
+  void dot_and_sumsqs(const T* x, const T* y, int64_t d, float* dot, float* x_sumsq, float* y_sumsq);           \
+  float sumsq(const T* x, int64_t d);                                                                           \
+  /* the same sums of x * px and y * py (px, py: powers of two, common.h cosine_pow2) */                        \
   void dot_and_sumsqs_scaled(const T* x, const T* y, int64_t d, float px, float py, float* dot, float* x_sumsq, \
-                             float* y_sumsq);                                            \
-  float sumsq_scaled(const T* x, int64_t d, float px);                                   \
-  /* max |x_i| (NaN ignored) */                                                          \
-  float max_abs(const T* x, int64_t d);                                                  \
-  /* acc = x * s */                                                                      \
-  void scale_row(float* acc, const T* x, float s, int64_t d);                            \
-  /* acc += x */                                                                         \
-  void add_row(float* acc, const T* x, int64_t d);                                       \
-  /* out = x (fp32) */                                                                   \
-  void widen_row(float* out, const T* x, int64_t d);                                     \
-  /* out = T(acc / count), round to nearest even */                                     \
+                             float* y_sumsq);                                                                   \
+  float sumsq_scaled(const T* x, int64_t d, float px);                                                          \
+  /* max |x_i| (NaN ignored) */                                                                                 \
+  float max_abs(const T* x, int64_t d);                                                                         \
+  /* acc = x * s */                                                                                             \
+  void scale_row(float* acc, const T* x, float s, int64_t d);                                                   \
+  /* acc += x */                                                                                                \
+  void add_row(float* acc, const T* x, int64_t d);                                                              \
+  /* out = x (fp32) */                                                                                          \
+  void widen_row(float* out, const T* x, int64_t d);                                                            \
+  /* out = T(acc / count), round to nearest even */                                                             \
   void divide_row(T* out, const float* acc, float count, int64_t d);
 
 G2TR_DECLARE_ROW_KERNELS(float)

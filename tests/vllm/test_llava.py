@@ -3,9 +3,10 @@
 One engine per configuration (G2TR at 0.5, G2TR at 1.0, no "g2tr" key), all prompts in it.
 """
 import pytest
-import tiny_models as tm
 
 import g2tr_kernels
+
+import tiny_models as tm
 
 KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, "auto"
 LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers

@@ -4,9 +4,10 @@ The reference runs transformers on the reduced prompt with explicit position ids
 token at its unreduced (t, h, w) position, every text token at its unreduced position.
 """
 import pytest
-import tiny_models as tm
 
 import g2tr_kernels
+
+import tiny_models as tm
 
 KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, 2
 LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers

@@ -13,9 +13,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-import tiny_models as tm
 
 import g2tr_kernels
+
+import tiny_models as tm
 
 KEEP, MIN_KEEP, POOL, STEPS = 0.5, 8, "auto", 6
 START_TIMEOUT_S = 300
