@@ -258,10 +258,9 @@ def test_valid_arguments_pass(op):
 
 
 def api_cases():
-    # The Triton merge does not yet read keep_idx's values (issue 8 adds that check): its
-    # reads_data cases are left out here until then, not skipped.
+    # Every backend, the Triton one included, reads keep_idx's values and rejects a bad one.
     return [pytest.param(op, case, backend, id=f"{op}-{case.id}-{backend}") for backend in PY_BACKENDS
-            for op, (_, cases, _, _) in OPS.items() for case in cases if not (backend == "triton" and case.reads_data)]
+            for op, (_, cases, _, _) in OPS.items() for case in cases]
 
 
 @pytest.mark.parametrize("op,case,backend", api_cases())
