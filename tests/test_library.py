@@ -204,7 +204,11 @@ def test_build_info():
     assert bool(info["cuda_archs"]) == ("cuda" in info["backends"])
     assert isinstance(info["openmp_threads"], int) and info["openmp_threads"] >= 1
     assert isinstance(info["parallel_backend"], str) and info["parallel_backend"]
-    assert info["cpu_bf16_merge"] in ("avx512_bf16", "fp32 gemm")
+    assert {"vendor", "avx512_bf16", "amx_bf16"} <= set(info["cpu_features"])
+    for dtype in ("bfloat16", "float16", "float32"):
+        choice = info["cpu_merge"][dtype]
+        assert choice["path"] in ("bf16_dot", "fp32_gemm", "bf16_gemm") and choice["reason"]
+    assert info["cpu_merge"]["float32"]["path"] == "fp32_gemm"
     # A fresh dict each call: callers may edit it.
     info["backends"].append("x")
     assert "x" not in g2tr.build_info()["backends"]
