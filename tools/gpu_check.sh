@@ -29,6 +29,7 @@
 #             build/gpu-check/out. Without pytest or hypothesis the pytest steps are skipped
 #             and the report says so; tests/gpu_checks.py runs without them.
 set -uo pipefail
+CALLER_PWD="$PWD"  # G2TR_PYTHON may be relative to the caller (test.sh passes .venv/bin/python)
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 DRY=0
@@ -49,6 +50,11 @@ if [ -z "$PY" ]; then
   PY=python3
   if ! python3 -c "import torch" 2>/dev/null && [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; fi
 fi
+# The steps run from other folders: a relative interpreter path must not depend on them.
+case "$PY" in
+  /*) ;;
+  */*) PY="$CALLER_PWD/$PY" ;;
+esac
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "gpu_check: $PY cannot import torch; set G2TR_PYTHON to a python that can" >&2
   exit 2

@@ -198,12 +198,21 @@ def _assign_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if rows_scaled | (tl.max((b_pow2 != 1.0).to(tl.int32), axis=0) > 0):
             # Rare: rows of extreme magnitude enter the dot scaled by their exact power of
-            # two (anchor_scores.py cosine_pow2), in IEEE fp32, so no product overflows.
+            # two (_common.cosine_pow2), so no product overflows. The scaled values are cast
+            # back to the input dtype and go through the same dot as below: a power of two is
+            # exact in bf16 and fp32 (fp32's exponent range; fp16 rows never need it: their
+            # sums of squares stay inside [2^-100, 2^100]), and the same instruction keeps the
+            # kernel's registers as they are (an fp32 "ieee" dot here spilled kilobytes).
             for d0 in range(0, D, BLOCK_K):
                 d_live = dk < D - d0
-                a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0).to(tl.float32) * a_pow2[:, None]
-                b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0).to(tl.float32) * b_pow2[None, :]
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+                a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0)
+                b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0)
+                a = (a.to(tl.float32) * a_pow2[:, None]).to(a.dtype)
+                b = (b.to(tl.float32) * b_pow2[None, :]).to(b.dtype)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
         else:
             for d0 in range(0, D, BLOCK_K):
                 d_live = dk < D - d0
@@ -401,7 +410,9 @@ def merge_tokens(
 
     with launch_guard(tokens):
         b = len(lengths)
-        block_t, block_d = (64, 128) if interpreted() else (32, 128)
+        # fp32 rows hold twice the registers of a bf16 block: half the columns per step
+        # (32 x 128 fp32 spilled 4 B on sm_80 once the rescale pass was added).
+        block_t, block_d = (64, 128) if interpreted() else (32, 64 if tokens.dtype == torch.float32 else 128)
         block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
         launch(_prepare_kernel)[(triton.cdiv(max(lengths), block_t), b)](
             tokens, keep_idx, table, assign, dropped, inv_norms, pow2s, width, tokens.stride(0),
