@@ -57,15 +57,16 @@ EOF
 "${PIP[@]}" install -c "$CONSTRAINTS" -r "$REQS" diffusers==0.42.1 pytest==9.2.0 hypothesis==6.170.15 ninja==1.13.2 pybind11==3.1.0 wheel
 
 # g2tr_kernels, CPU kernels only (the CUDA build of torch stays usable on a GPU through the
-# Triton backend; G2TR_BUILD_CUDA=auto here builds the CUDA kernels too, slowly). A regular
+# Triton backend; G2TR_VLLM_BUILD_CUDA=auto|1 builds the CUDA kernels too, slowly). Its own
+# variable, not G2TR_BUILD_CUDA: .ci/run sets that to 1 for the main build. A regular
 # (not editable) install: the in-tree build of tools/setup.sh is left alone. Rebuilt only
 # when a tracked source file changed since the last install into this venv.
 STAMP="$VENV/g2tr/source.sha256"
 HASH="$(git ls-files -s -- g2tr_kernels csrc python setup.py pyproject.toml CMakeLists.txt | sha256sum | cut -d' ' -f1)"
-HASH="$HASH-$(git diff -- g2tr_kernels csrc python setup.py pyproject.toml | sha256sum | cut -d' ' -f1)-${G2TR_BUILD_CUDA:-0}"
+HASH="$HASH-$(git diff -- g2tr_kernels csrc python setup.py pyproject.toml | sha256sum | cut -d' ' -f1)-${G2TR_VLLM_BUILD_CUDA:-0}"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$HASH" ] || ! "$PY" -P -c "import g2tr_kernels" 2>/dev/null; then
   mkdir -p build
-  G2TR_BUILD_CUDA="${G2TR_BUILD_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-2}" \
+  G2TR_BUILD_CUDA="${G2TR_VLLM_BUILD_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-2}" \
     "$PY" -m pip install --no-build-isolation --no-deps --force-reinstall -v . > build/vllm-pip-build.log 2>&1 || {
     tail -n 60 build/vllm-pip-build.log
     echo "vllm_env.sh: building g2tr_kernels failed; full log in build/vllm-pip-build.log" >&2
