@@ -70,6 +70,10 @@ EOF
     # shellcheck disable=SC2086  (one requirement per word)
     PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q --no-deps "$WHEEL" $EXTRA
     rm -rf "$D/wheels"
+    # The setuptools that venv seeds (65 on Python 3.11) predates the SPDX `license`
+    # string of pyproject.toml and fails the build: use the project venv's one instead.
+    # (Before the .pth line below exists, so pip only sees this venv's copy.)
+    "$PY" -m pip uninstall -q -y setuptools
     echo "$BASE_SITE" > "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_project_venv.pth"
   fi
   t1=$(date +%s)

@@ -25,6 +25,34 @@ import triton.language as tl
 # ---------------------------------------------------------------------------------------
 
 
+def _interpreted_loop_bound(x):
+    """loop_bound under the Triton interpreter: a Python int.
+
+    The interpreter holds every scalar as a 1-element numpy array, and Triton 3.6's
+    interpreter turns a loop bound into an int with int(array), which NumPy >= 2.4 refuses
+    for arrays of one dimension ("only 0-dimensional arrays can be converted to Python
+    scalars"; Triton 3.8 squeezes first). .item() works for any shape of one element.
+    """
+    return x if isinstance(x, int) else x.handle.data.item()
+
+
+@triton.jit
+def _compiled_loop_bound(x):
+    """loop_bound compiled: x itself (inlined: the loop's IR and machine code are unchanged)."""
+    return x
+
+
+def _pick_loop_bound():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return _interpreted_loop_bound if isinstance(_compiled_loop_bound, InterpretedFunction) else _compiled_loop_bound
+
+
+# Every `range` of a kernel whose bound is a runtime value (an argument, a loaded or
+# computed scalar) goes through it: `for d0 in range(0, loop_bound(D), BLOCK_D)`.
+loop_bound = _pick_loop_bound()
+
+
 @triton.jit
 def needs_rescale(sum_of_squares):
     """common.h needs_rescale: a sum of squares outside [2^-100, 2^100] (NaN: False)."""
@@ -46,7 +74,7 @@ def row_pow2(x_ptr, row, live, D, BLOCK_D: tl.constexpr):
     """cosine_pow2 of the max-abs of rows x_ptr + row[i] (int64 offsets); a second pass
     over D, run only for blocks holding a row that needs_rescale."""
     m = tl.zeros(row.shape, dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, loop_bound(D), BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(x_ptr + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
         a = tl.abs(x.to(tl.float32))

@@ -28,6 +28,7 @@ from ._common import (
     launch,
     launch_guard,
     launchable,
+    loop_bound,
     needs_rescale,
     padded_width,
     rank_key,
@@ -36,6 +37,28 @@ from ._common import (
 )
 
 Pairs = Sequence[Tuple[int, int]]
+
+
+@triton.jit
+def _dot_and_squares(tokens, anchors, token_row, anchor_row, live, token_pow2, anchor_pow2, D,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 (dot, |token|^2, |anchor|^2) of each token and its anchor, both rows scaled by their
+    power of two first. The first pass passes 1.0: x * 1.0 == x for every float, so it is the
+    unscaled sum exactly."""
+    dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+    token_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    anchor_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for d0 in range(0, loop_bound(D), BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (d < D)[None, :]
+        t = tl.load(tokens + token_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(anchors + anchor_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        t = t * token_pow2[:, None]
+        a = a * anchor_pow2[:, None]
+        dot += tl.sum(t * a, axis=1)
+        token_sq += tl.sum(t * t, axis=1)
+        anchor_sq += tl.sum(a * a, axis=1)
+    return dot, token_sq, anchor_sq
 
 
 @triton.jit
@@ -79,36 +102,18 @@ def _score_kernel(
     token_row = (tok_begin + local).to(tl.int64) * token_stride
     anchor_row = (anchor_begin + cell).to(tl.int64) * anchor_stride
 
-    dot = tl.zeros([BLOCK_T], dtype=tl.float32)
-    token_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    anchor_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        mask = live[:, None] & (d < D)[None, :]
-        t = tl.load(tokens + token_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(anchors + anchor_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        dot += tl.sum(t * a, axis=1)
-        token_sq += tl.sum(t * t, axis=1)
-        anchor_sq += tl.sum(a * a, axis=1)
     token_pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
     anchor_pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+    dot, token_sq, anchor_sq = _dot_and_squares(
+        tokens, anchors, token_row, anchor_row, live, token_pow2, anchor_pow2, D, BLOCK_T, BLOCK_D
+    )
     rescale = live & (needs_rescale(token_sq) | needs_rescale(anchor_sq))
     if tl.max(rescale.to(tl.int32), axis=0) > 0:  # rare: rows of extreme magnitude (common.h)
         token_pow2 = tl.where(needs_rescale(token_sq), row_pow2(tokens, token_row, live, D, BLOCK_D), 1.0)
         anchor_pow2 = tl.where(needs_rescale(anchor_sq), row_pow2(anchors, anchor_row, live, D, BLOCK_D), 1.0)
-        dot = tl.zeros([BLOCK_T], dtype=tl.float32)
-        token_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-        anchor_sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            mask = live[:, None] & (d < D)[None, :]
-            t = tl.load(tokens + token_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            a = tl.load(anchors + anchor_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            t = t * token_pow2[:, None]
-            a = a * anchor_pow2[:, None]
-            dot += tl.sum(t * a, axis=1)
-            token_sq += tl.sum(t * t, axis=1)
-            anchor_sq += tl.sum(a * a, axis=1)
+        dot, token_sq, anchor_sq = _dot_and_squares(
+            tokens, anchors, token_row, anchor_row, live, token_pow2, anchor_pow2, D, BLOCK_T, BLOCK_D
+        )
     token_inv = inv_norm(token_sq, token_pow2)
     score = (dot * token_inv) * inv_norm(anchor_sq, anchor_pow2)
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .. import _checks
-from ._common import count_blocks, image_table, launch, launch_guard, launchable, rank_key, starts
+from ._common import count_blocks, image_table, launch, launch_guard, launchable, loop_bound, rank_key, starts
 
 # The select kernels read one int64 row per image (_image_row):
 # tok_begin, n, k, keep_begin, cell_count, quota, cell_begin.
@@ -82,7 +82,7 @@ def _seed_kernel(
         is_seed = valid_i & (key_i == best)
     else:
         ahead = tl.zeros([BLOCK_I], dtype=tl.int32)  # same-cell tokens ranked before i
-        for j0 in range(0, n, BLOCK_J):
+        for j0 in range(0, loop_bound(n), BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             live_j, key_j = _keys(scores, tok_begin, j, n)
             cell_j = tl.load(cells + tok_begin + j, mask=live_j, other=-1)
@@ -113,7 +113,7 @@ def _take_kernel(
     seeds_before = tl.zeros([BLOCK_I], dtype=tl.int32)
     others_before = tl.zeros([BLOCK_I], dtype=tl.int32)
     num_seeds = tl.zeros([BLOCK_J], dtype=tl.int32)
-    for j0 in range(0, n, BLOCK_J):
+    for j0 in range(0, loop_bound(n), BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         live_j, key_j = _keys(scores, tok_begin, j, n)
         seed_j = tl.load(seed + tok_begin + j, mask=live_j, other=0) != 0
@@ -141,7 +141,7 @@ def _compact_kernel(
         return
     # Kept tokens in earlier blocks of the image come first: ascending token order.
     earlier = tl.zeros([BLOCK_I], dtype=tl.int32)
-    for j0 in range(0, block * BLOCK_I, BLOCK_I):
+    for j0 in range(0, loop_bound(block * BLOCK_I), BLOCK_I):
         earlier += tl.load(take + tok_begin + j0 + tl.arange(0, BLOCK_I)).to(tl.int32)
     i = block * BLOCK_I + tl.arange(0, BLOCK_I)
     live_i = i < n

@@ -50,6 +50,7 @@ from ._common import (
     launch,
     launch_guard,
     launchable,
+    loop_bound,
     needs_rescale,
     padded_width,
     rank_key,
@@ -87,6 +88,19 @@ def _lower_bound(base, size, value, STEPS: tl.constexpr):
 
 
 @triton.jit
+def _squares(tokens, row, live, pow2, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 sum of squares of rows tokens + row[i], each scaled by its power of two pow2 first
+    (1.0 on the first pass: x * 1.0 == x for every float, so that pass is the plain sum)."""
+    sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for d0 in range(0, loop_bound(D), BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(tokens + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+        x = x.to(tl.float32) * pow2[:, None]
+        sq += tl.sum(x * x, axis=1)
+    return sq
+
+
+@triton.jit
 def _prepare_kernel(
     tokens,  # [N, D]
     keep_idx,  # int64 [K_total], global, ascending per image
@@ -120,21 +134,11 @@ def _prepare_kernel(
 
     if WRITE_NORMS:
         row = token.to(tl.int64) * stride
-        sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(tokens + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
-            x = x.to(tl.float32)
-            sq += tl.sum(x * x, axis=1)
         pow2 = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+        sq = _squares(tokens, row, live, pow2, D, BLOCK_T, BLOCK_D)
         if tl.max((live & needs_rescale(sq)).to(tl.int32), axis=0) > 0:  # rare: extreme magnitudes
             pow2 = tl.where(needs_rescale(sq), row_pow2(tokens, row, live, D, BLOCK_D), 1.0)
-            sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                x = tl.load(tokens + row[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
-                x = x.to(tl.float32) * pow2[:, None]
-                sq += tl.sum(x * x, axis=1)
+            sq = _squares(tokens, row, live, pow2, D, BLOCK_T, BLOCK_D)
         tl.store(inv_norms + token, inv_norm(sq, pow2), mask=live)
         tl.store(pow2s + token, pow2, mask=live)
 
@@ -187,7 +191,7 @@ def _assign_kernel(
 
     best_value = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     best_col = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for tile_n in range(first_tile, last_tile):
+    for tile_n in range(loop_bound(first_tile), loop_bound(last_tile)):
         col = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int32)
         col_live = col < k
         col_tok = tl.load(keep_idx + keep_begin + col, mask=col_live, other=0)
@@ -203,7 +207,7 @@ def _assign_kernel(
             # exact in bf16 and fp32 (fp32's exponent range; fp16 rows never need it: their
             # sums of squares stay inside [2^-100, 2^100]), and the same instruction keeps the
             # kernel's registers as they are (an fp32 "ieee" dot here spilled kilobytes).
-            for d0 in range(0, D, BLOCK_K):
+            for d0 in range(0, loop_bound(D), BLOCK_K):
                 d_live = dk < D - d0
                 a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0)
                 b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0)
@@ -214,7 +218,7 @@ def _assign_kernel(
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
         else:
-            for d0 in range(0, D, BLOCK_K):
+            for d0 in range(0, loop_bound(D), BLOCK_K):
                 d_live = dk < D - d0
                 a = tl.load(a_ptrs + d0, mask=d_live[None, :], other=0.0)
                 b = tl.load(b_ptrs + d0, mask=d_live[:, None], other=0.0)
@@ -261,7 +265,7 @@ def _group_kernel(
     # Stable counting sort by target: the slot of i is the number of dropped tokens with a
     # lower target, or the same target and a lower position (positions ascend with tokens).
     slot = tl.zeros([BLOCK_I], dtype=tl.int32)
-    for j0 in range(0, num_dropped, BLOCK_J):
+    for j0 in range(0, loop_bound(num_dropped), BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         live_j = j < num_dropped
         target_j = tl.minimum(tl.maximum(key_index(tl.load(best + drop_begin + j, mask=live_j, other=0)), 0), k - 1)
@@ -324,7 +328,7 @@ def _mean_kernel(
     acc = tl.load(tokens + kept_tok.to(tl.int64)[:, None] * stride + d[None, :], mask=live, other=0.0).to(tl.float32)
     acc = acc * merge_weight
     count = tl.zeros([BLOCK_R], dtype=tl.float32) + merge_weight
-    for g in range(0, tl.max(size, axis=0)):
+    for g in range(0, loop_bound(tl.max(size, axis=0))):
         member = g < size
         tok = tl.load(group_tok + drop_begin + begin + g, mask=member, other=0)
         tok = tl.minimum(tl.maximum(tok, tok_begin), tok_begin + n - 1)
