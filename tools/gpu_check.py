@@ -67,7 +67,7 @@ def env_info() -> Dict:
     except Exception as error:  # noqa: BLE001
         info["torch_error"] = str(error)
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    for tool in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi"):
+    for tool in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi", "ninja"):
         path = shutil.which(tool) or next((p for p in (os.path.join(home, "bin", tool),) if os.path.exists(p)), None)
         info[tool] = path
     if info["nvcc"]:
@@ -272,7 +272,8 @@ def report(work: str, out: str, dry_run: bool) -> int:
     lines += [f"{env.get('when_utc', '?')} UTC on {gpu} ({env.get('sms', '?')} SMs), {env.get('cpus', '?')} CPUs; "
               f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
               f"{env.get('nvcc_version') or 'no nvcc'}; pytest {env.get('pytest') or 'MISSING'}, "
-              f"hypothesis {env.get('hypothesis') or 'MISSING'}.", ""]
+              f"hypothesis {env.get('hypothesis') or 'MISSING'}; "
+              f"{'ninja' if env.get('ninja') else 'no ninja (the build compiled one file at a time)'}.", ""]
     if not (env.get("pytest") and env.get("hypothesis")):
         lines += ["**pytest or hypothesis is missing here**: the pytest steps did not run; the plain-Python runner "
                   "ran tests/gpu_checks.py instead (tests/test_cuda.py and tests/test_triton.py need pytest).", ""]

@@ -102,6 +102,19 @@ skip() {  # NAME WHY
 
 # --------------------------------------------------------------------------- build
 BUILD_CUDA=1 BUILD_LIMIT=240
+# torch builds with ninja (all cores) when it finds one on PATH, else one file at a time:
+# minutes more, and every later step needs the build. The pip `ninja` package's binary
+# counts too. Without either the build gets more of the budget, and the report says why.
+if ! command -v ninja > /dev/null; then
+  NINJA_BIN="$("$PY" -c 'import ninja, sys; sys.stdout.write(ninja.BIN_DIR)' 2>/dev/null || true)"
+  [ -n "$NINJA_BIN" ] && [ -x "$NINJA_BIN/ninja" ] && export PATH="$NINJA_BIN:$PATH"
+fi
+if command -v ninja > /dev/null; then
+  echo "gpu_check: ninja $(ninja --version) at $(command -v ninja)"
+else
+  echo "gpu_check: WARNING no ninja here: torch compiles the extension one file at a time (build limit 360 s)"
+  BUILD_LIMIT=360
+fi
 if [ "$DRY" = 1 ]; then  # a 2-core CI machine: the CPU build alone takes minutes there
   BUILD_CUDA="${G2TR_DRY_BUILD_CUDA:-0}" BUILD_LIMIT=1200 BUDGET="${G2TR_CHECK_BUDGET_S:-1800}"
 fi
@@ -134,7 +147,10 @@ else
 fi
 step gpu-checks 230 "$W" 0 "$PY" "$REPO/tests/gpu_checks.py" --json "$W/gpu_checks.json" &
 SANITIZER="$(command -v compute-sanitizer || true)"
-RUNNING=0  # at most 4 sanitizer runs at once: the host side of each is CPU-heavy
+# At most 4 sanitizer runs at once (the host side of each is CPU-heavy), queued in a
+# subshell of their own so that `wait -n` there counts only them, not the pytest runs.
+(
+RUNNING=0
 for tool in memcheck racecheck synccheck; do
   for backend in cuda triton; do
     for workload in M1 M2; do
@@ -151,6 +167,8 @@ for tool in memcheck racecheck synccheck; do
     done
   done
 done
+wait
+) &
 wait
 if [ "$DRY" = 1 ]; then  # the checks' own code, on tiny CPU shapes: a broken check shows here, not on a lease
   step gpu-checks-cpu-smoke 120 "$W" 1 env TRITON_INTERPRET=1 "$PY" "$REPO/tests/gpu_checks.py" --device cpu \

@@ -4,22 +4,22 @@
 // Workspace, all from the caching allocator on the current stream: the split partials
 // (splits x dropped rows, value + index), per kept row a count and an end, the grouped
 // dropped-token list, and the token norms when the caller has none. The split count is
-// chosen so that about two blocks per SM have work and no split of an image is empty
-// (g2tr/merge_splits.h); it never changes a result (the argmax order is total), only how
-// the columns are shared out.
+// chosen so that about two blocks per SM have work and no split of an image is empty, and
+// the launch holds only blocks with work (g2tr/merge_splits.h); neither changes a result
+// (the argmax order is total), only how the columns are shared out.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "kernels/merge.cuh"
 #include "launch.cuh"
 
 namespace g2tr::cuda {
 namespace {
-
-int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 // Column splits of the assign launch (g2tr/merge_splits.h).
 int launch_splits(const Images& im, int block_rows, int block_cols) {
@@ -32,13 +32,13 @@ int launch_splits(const Images& im, int block_rows, int block_cols) {
                        at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
-int max_dropped_tiles(const ImageTable& t, int block_rows) {
-  int m = 0;
-  for (int i = 0; i < t.count; ++i) {
-    const int dropped = (t.token_begin[i + 1] - t.token_begin[i]) - (t.kept_begin[i + 1] - t.kept_begin[i]);
-    m = std::max(m, ceil_div(dropped, block_rows));
-  }
-  return m;
+// The launch's work list (g2tr/merge_splits.h): only blocks with work, built on the host
+// from the grids and passed by value like the table. Returns its block count.
+int work_list(const ImageTable& t, int block_rows, int block_cols, int splits, AssignBlocks* blocks) {
+  const int64_t total =
+      assign_blocks(t.token_begin, t.kept_begin, t.count, block_rows, block_cols, splits, blocks->begin);
+  TORCH_CHECK(total <= std::numeric_limits<int>::max(), "g2tr merge: ", total, " assign blocks exceed the grid limit");
+  return static_cast<int>(total);
 }
 
 template <bool kBf16>
@@ -51,11 +51,11 @@ void launch_assign_mma(const at::Tensor& tokens, const std::vector<ImageTable>& 
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(assign_mma_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, mma::kSmemBytes));
   for (const ImageTable& table : tables) {
-    const int row_tiles = max_dropped_tiles(table, mma::kBlockRows);
-    if (row_tiles == 0) continue;
-    const dim3 grid(row_tiles, splits, table.count);
+    AssignBlocks blocks;
+    const int grid = work_list(table, mma::kBlockRows, mma::kBlockCols, splits, &blocks);
+    if (grid == 0) continue;
     assign_mma_kernel<kBf16><<<grid, mma::kThreads, mma::kSmemBytes, stream>>>(x, dim, vectorized, keep_idx, inv_norms,
-                                                                               table, splits, partials);
+                                                                               table, blocks, splits, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -66,11 +66,11 @@ void launch_assign_fma(const at::Tensor& tokens, const std::vector<ImageTable>& 
   const float* x = tokens.const_data_ptr<float>();
   const bool vectorized = vectorizable(dim, sizeof(float), x);
   for (const ImageTable& table : tables) {
-    const int row_tiles = max_dropped_tiles(table, fma::kBlockRows);
-    if (row_tiles == 0) continue;
-    const dim3 grid(row_tiles, splits, table.count);
-    assign_fma_kernel<<<grid, fma::kThreads, 0, stream>>>(x, dim, vectorized, keep_idx, inv_norms, table, splits,
-                                                          partials);
+    AssignBlocks blocks;
+    const int grid = work_list(table, fma::kBlockRows, fma::kBlockCols, splits, &blocks);
+    if (grid == 0) continue;
+    assign_fma_kernel<<<grid, fma::kThreads, 0, stream>>>(x, dim, vectorized, keep_idx, inv_norms, table, blocks,
+                                                          splits, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -355,8 +355,22 @@ ASSIGN_TILES = {
 # The interpreter runs numpy per op: big tiles, few iterations.
 ASSIGN_TILES_INTERPRETED = (64, 64, 32, 4, 1)
 # Tiles of _mean_kernel (BLOCK_R rows x BLOCK_D columns): fp32 rows hold twice the bytes,
-# and at 16 x 128 ptxas spills 8-12 bytes (sm_80 and sm_90); 16 x 64 fits.
+# and at 16 x 128 ptxas spills 8-12 bytes (sm_80 and sm_90); 16 x 64 fits. Where D is
+# narrower than the tile, _mean_tile trades columns for rows at the same element count.
 MEAN_TILES = {torch.bfloat16: (16, 128), torch.float16: (16, 128), torch.float32: (16, 64)}
+
+
+def _mean_tile(dtype: torch.dtype, width: int) -> Tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) of _mean_kernel for rows of `width` padded columns.
+
+    A D block narrower than the table's gets proportionally more rows, so every program
+    holds the table's element count: each thread then keeps as many values as in the
+    tuned tile. (16 x 32 fp32 at D = 17 made ptxas spill 8 bytes on sm_90 at 40
+    registers; 32 x 32 does not, nor does 64 x 32 in bf16.)
+    """
+    rows, cols = MEAN_TILES[dtype]
+    narrow = min(cols, max(16, triton.next_power_of_2(width)))
+    return rows * (cols // narrow), narrow
 
 
 def _splits(dropped_tiles: int, kept_tiles: int, device: torch.device) -> int:
@@ -442,8 +456,7 @@ def merge_tokens(
             launch(_group_kernel)[(triton.cdiv(max_drop, block_i), b)](
                 dropped, best, table, assign, group_tok, group_target, BLOCK_I=block_i, BLOCK_J=block_j,
             )
-        block_r, mean_d = (64, block_d) if interpreted() else MEAN_TILES[tokens.dtype]
-        mean_d = min(mean_d, block_d)
+        block_r, mean_d = (64, block_d) if interpreted() else _mean_tile(tokens.dtype, width)
         # Rows D apart are not 16-element aligned for odd D: write padded rows, copy once.
         out = merged if width == dim else torch.empty((k_total, width), dtype=tokens.dtype, device=device)
         launch(_mean_kernel)[(triton.cdiv(max(budgets), block_r), triton.cdiv(dim, mean_d), b)](

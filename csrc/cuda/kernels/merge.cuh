@@ -43,6 +43,34 @@ struct AssignPartials {
   int64_t dropped_total;
 };
 
+// The compacted work list of one assign launch (g2tr/merge_splits.h assign_blocks): image
+// b of the table owns blocks [begin[b], begin[b + 1]). A kernel argument like ImageTable
+// (260 bytes more, both together under the 4 KB argument limit).
+struct AssignBlocks {
+  int begin[kMaxImagesPerLaunch + 1];
+};
+
+// The image, dropped rows and column tiles of this block of the work list.
+struct AssignWork {
+  ImageSpan im;
+  int row0;      // first dropped row of the tile
+  int ct_begin;  // kept-column tiles [ct_begin, ct_end) of the image
+  int ct_end;
+  int split;  // partials slot
+};
+
+template <int kRows, int kCols>
+__device__ __forceinline__ AssignWork assign_work(const ImageTable& table, const AssignBlocks& blocks, int splits) {
+  const WorkBlock w = locate_block(blocks.begin, table.token_begin, table.kept_begin, table.count, kRows, kCols, splits,
+                                   static_cast<int>(blockIdx.x));
+  AssignWork a;
+  a.im = image_span(table, w.image);
+  a.row0 = w.row_tile * kRows;
+  a.split = w.split;
+  split_range((a.im.kept + kCols - 1) / kCols, w.splits, w.split, &a.ct_begin, &a.ct_end);
+  return a;
+}
+
 // Local token (-1 past the image's dropped rows) and inv_norm of the block's dropped rows
 // [row0, row0 + kRows), written to shared memory by the first kRows threads; every thread
 // of the block must call it (it ends with a barrier).
@@ -105,14 +133,16 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
-// Grid: x = tiles of 128 dropped rows of an image, y = column split, z = image of the launch.
-// tokens are 16-bit values (bf16 when kBf16, else fp16), moved as raw bits.
+// Grid: x = the launch's work list (AssignBlocks): one block per tile of 128 dropped rows and
+// column split of an image, every one with work. tokens are 16-bit values (bf16 when kBf16,
+// else fp16), moved as raw bits.
 // vectorized: D % 8 == 0 and a 16-byte aligned base (cp.async); otherwise element copies.
 template <bool kBf16>
 __global__ void __launch_bounds__(mma::kThreads)
     assign_mma_kernel(const uint16_t* __restrict__ tokens, int64_t dim, bool vectorized,
                       const int64_t* __restrict__ keep_idx, const float* __restrict__ inv_norms,
-                      const __grid_constant__ ImageTable table, int splits, AssignPartials partials) {
+                      const __grid_constant__ ImageTable table, const __grid_constant__ AssignBlocks blocks, int splits,
+                      AssignPartials partials) {
   using namespace mma;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* pipe = reinterpret_cast<uint16_t*>(smem_raw);
@@ -120,19 +150,13 @@ __global__ void __launch_bounds__(mma::kThreads)
   __shared__ float a_inv[kBlockRows];
   __shared__ float b_inv[kBlockCols];  // inv_norm of the kept rows of the current column tile
 
-  const ImageSpan im = image_span(table, blockIdx.z);
-  const int row0 = blockIdx.x * kBlockRows;
-  if (row0 >= im.dropped()) return;
+  const AssignWork work = assign_work<kBlockRows, kBlockCols>(table, blocks, splits);
+  const ImageSpan& im = work.im;
+  const int row0 = work.row0, ct_begin = work.ct_begin, ct_end = work.ct_end;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = lane / 4, quad = lane % 4;  // mma fragment coordinates
   const int warp_m = warp % 2, warp_n = warp / 2;
 
-  // This image's own splits (g2tr/merge_splits.h): a block past them has no columns.
-  const int col_tiles = (im.kept + kBlockCols - 1) / kBlockCols;
-  const int own_splits = image_splits(col_tiles, splits);
-  if (static_cast<int>(blockIdx.y) >= own_splits) return;
-  int ct_begin, ct_end;
-  split_range(col_tiles, own_splits, blockIdx.y, &ct_begin, &ct_end);
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
@@ -302,7 +326,7 @@ __global__ void __launch_bounds__(mma::kThreads)
     int j = red_index[tid];
 #pragma unroll
     for (int w = 1; w < 4; ++w) take_better(v, j, red_value[w * kBlockRows + tid], red_index[w * kBlockRows + tid]);
-    const int64_t slot = blockIdx.y * partials.dropped_total + im.dropped0() + row0 + tid;
+    const int64_t slot = work.split * partials.dropped_total + im.dropped0() + row0 + tid;
     partials.value[slot] = v;
     partials.index[slot] = j;
   }
@@ -318,12 +342,13 @@ static_assert(kBlockRows == kBlockCols, "one loader layout for both tiles");
 static_assert(kBlockRows * kBlockDepth == 4 * kThreads, "four features per thread and tile");
 }  // namespace fma
 
-// Same grid, partials and value expression as assign_mma_kernel; fp32 products accumulated
+// Same work list, partials and value expression as assign_mma_kernel; fp32 products accumulated
 // with fmaf in ascending feature order. vectorized: D % 4 == 0 and a 16-byte aligned base.
 __global__ void __launch_bounds__(fma::kThreads)
     assign_fma_kernel(const float* __restrict__ tokens, int64_t dim, bool vectorized,
                       const int64_t* __restrict__ keep_idx, const float* __restrict__ inv_norms,
-                      const __grid_constant__ ImageTable table, int splits, AssignPartials partials) {
+                      const __grid_constant__ ImageTable table, const __grid_constant__ AssignBlocks blocks, int splits,
+                      AssignPartials partials) {
   using namespace fma;
   __shared__ __align__(16) float sa[2][kBlockDepth][kPitch];  // transposed: [feature][row]
   __shared__ __align__(16) float sb[2][kBlockDepth][kPitch];
@@ -331,17 +356,11 @@ __global__ void __launch_bounds__(fma::kThreads)
   __shared__ float a_inv[kBlockRows];
   __shared__ float b_inv[kBlockCols];
 
-  const ImageSpan im = image_span(table, blockIdx.z);
-  const int row0 = blockIdx.x * kBlockRows;
-  if (row0 >= im.dropped()) return;
+  const AssignWork work = assign_work<kBlockRows, kBlockCols>(table, blocks, splits);
+  const ImageSpan& im = work.im;
+  const int row0 = work.row0, ct_begin = work.ct_begin, ct_end = work.ct_end;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
 
-  // This image's own splits (g2tr/merge_splits.h): a block past them has no columns.
-  const int col_tiles = (im.kept + kBlockCols - 1) / kBlockCols;
-  const int own_splits = image_splits(col_tiles, splits);
-  if (static_cast<int>(blockIdx.y) >= own_splits) return;
-  int ct_begin, ct_end;
-  split_range(col_tiles, own_splits, blockIdx.y, &ct_begin, &ct_end);
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
@@ -455,7 +474,7 @@ __global__ void __launch_bounds__(fma::kThreads)
     }
     const int d = row0 + ty + 16 * i;
     if (tx == 0 && d < im.dropped()) {
-      const int64_t slot = blockIdx.y * partials.dropped_total + im.dropped0() + d;
+      const int64_t slot = work.split * partials.dropped_total + im.dropped0() + d;
       partials.value[slot] = best_value[i];
       partials.index[slot] = best_index[i];
     }

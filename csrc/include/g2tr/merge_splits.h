@@ -7,6 +7,10 @@
 // The split count never changes a result (the argmax order is total), only how the
 // columns are shared out. Rules: no split of an image is empty, the splits of an image
 // differ by at most one tile, and the largest image's tiles divide evenly where possible.
+//
+// The launch itself is a compacted work list (assign_blocks / locate_block): one block per
+// (image, dropped-row tile, split) that has work and no other, so a mixed-size batch does
+// not launch blocks that exit at once (M2 on 132 SMs: 277 blocks, was a 480-block grid).
 #pragma once
 
 #include <cstdint>
@@ -50,6 +54,62 @@ inline int choose_splits(const int64_t* lengths, const int64_t* kept, int64_t co
   const int64_t per_split = ceil_div64(col_tiles, wanted);
   const int64_t splits = ceil_div64(col_tiles, per_split);
   return static_cast<int>(splits > limit ? limit : splits);
+}
+
+// Blocks image b gets: its dropped-row tiles times its own splits (0 when nothing is dropped).
+G2TR_HD int64_t image_blocks(int64_t length, int64_t kept, int block_rows, int block_cols, int launch_splits) {
+  const int64_t row_tiles = ceil_div64(length - kept, block_rows);
+  if (row_tiles <= 0) return 0;
+  return row_tiles * image_splits(static_cast<int>(ceil_div64(kept, block_cols)), launch_splits);
+}
+
+// The work list of one launch of `count` images: blocks_begin[b] is image b's first block,
+// blocks_begin[count] the launch's block count. token_begin / kept_begin: count + 1 packed
+// offsets (ImageTable's). Returns the block count (the caller checks it fits a grid).
+inline int64_t assign_blocks(const int* token_begin, const int* kept_begin, int count, int block_rows, int block_cols,
+                             int launch_splits, int* blocks_begin) {
+  int64_t total = 0;
+  for (int b = 0; b < count; ++b) {
+    blocks_begin[b] = static_cast<int>(total);
+    total += image_blocks(token_begin[b + 1] - token_begin[b], kept_begin[b + 1] - kept_begin[b], block_rows,
+                          block_cols, launch_splits);
+  }
+  blocks_begin[count] = static_cast<int>(total);
+  return total;
+}
+
+struct WorkBlock {
+  int image;     // of the launch
+  int row_tile;  // dropped rows [row_tile * block_rows, ...) of that image
+  int split;     // column split, of `splits`: the image's own count (image_splits)
+  int splits;
+};
+
+// What block `block` (< blocks_begin[count]) of an assign_blocks launch does. Within an
+// image the row tiles of split 0 come first, then those of split 1, ...: for one image the
+// order of the former (row tile, split) grid, so neighbouring blocks share kept columns.
+G2TR_HD WorkBlock locate_block(const int* blocks_begin, const int* token_begin, const int* kept_begin, int count,
+                               int block_rows, int block_cols, int launch_splits, int block) {
+  // The last image whose first block is <= block: images without blocks share the next
+  // image's start and are passed over.
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (blocks_begin[mid] <= block)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const int kept = kept_begin[lo + 1] - kept_begin[lo];
+  const int dropped = (token_begin[lo + 1] - token_begin[lo]) - kept;
+  const int row_tiles = static_cast<int>(ceil_div64(dropped, block_rows));
+  const int local = block - blocks_begin[lo];
+  WorkBlock w;
+  w.image = lo;
+  w.row_tile = local % row_tiles;
+  w.split = local / row_tiles;
+  w.splits = image_splits(static_cast<int>(ceil_div64(kept, block_cols)), launch_splits);
+  return w;
 }
 
 }  // namespace g2tr
