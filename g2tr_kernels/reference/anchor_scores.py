@@ -22,7 +22,9 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     _, exponent = torch.frexp(x.abs().amax(dim=-1, keepdim=True))  # max-abs = m * 2^e, m in [0.5, 1)
     p = torch.clamp(-exponent, -126, 127)  # 2^p stays a normal fp32
     p = torch.where(torch.isfinite(x).all(dim=-1, keepdim=True), p, torch.zeros_like(p))  # non-finite: as it is
-    scaled = torch.ldexp(x, p)
+    # x times the power of two, not ldexp(x, p): the same bits (one exact multiply by a normal
+    # 2^p), but torch 2.11's ldexp backward gives a zero gradient for an integer exponent.
+    scaled = x * torch.ldexp(torch.ones_like(x[..., :1]), p)
     eps = torch.ldexp(torch.full_like(scaled[..., :1], NORM_EPS), p)
     return scaled / torch.maximum(torch.linalg.vector_norm(scaled, dim=-1, keepdim=True), eps)
 
