@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import test_reduce
 import torch
 
 import g2tr_kernels as g2tr
@@ -157,3 +158,21 @@ def test_strided_d_is_copied(backend, device):
     ref_scores, ref_cells = reference.anchor_scores(tokens, anchors[:, ::2], grids, anchor_grids)
     assert_close_report("scores", scores.cpu(), ref_scores, atol=1e-5, rtol=0)
     assert_bitwise_equal("cells", cells.cpu(), ref_cells)
+
+
+# ---------------------------------------------------------------------------- the op's inputs
+# Read by test_library.py (opcheck) and test_errors.py (bad input through every path);
+# the form is described in helpers.py.
+
+
+def opcheck_samples():
+    return [s[:4] for s in test_reduce.opcheck_samples()]
+
+
+def valid_args() -> dict:
+    # reduce's geometry: anchor_scores shares its geometry and tensor checks; it has no ratio or weight.
+    args = test_reduce.valid_args()
+    return {k: args[k] for k in ("tokens", "anchors", "grids", "anchor_grids")}
+
+
+ERROR_CASES = [c for c in test_reduce.ERROR_CASES if not c.id.startswith(("keep-ratio", "min-keep", "merge-weight"))]
