@@ -13,9 +13,11 @@ import torch
 
 import g2tr_kernels as g2tr
 
-from helpers import op_records
+from helpers import BACKEND_DEVICES, op_records
 
-PY_BACKENDS = ["reference", "cpu", "triton"]  # triton: under the interpreter (conftest.py)
+# Every backend that runs on CPU tensors (helpers.BACKEND_DEVICES): reference, cpu, triton
+# (under the interpreter, conftest.py).
+PY_BACKENDS = [p.values[0] for p in BACKEND_DEVICES if p.values[1] == "cpu"]
 NAN, INF = float("nan"), float("inf")
 
 
