@@ -37,6 +37,7 @@ from g2tr_kernels.testing import (  # noqa: F401  (re-exported for the test file
     offsets,
 )
 
+SELECT_MAX_TOKENS = 8192  # kSelectMaxTokens in csrc/cuda/kernels/balanced_topk.cuh: the CUDA selection's capacity
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

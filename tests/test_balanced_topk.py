@@ -12,6 +12,7 @@ import g2tr_kernels as g2tr
 from g2tr_kernels import reference
 
 from helpers import (
+    SELECT_MAX_TOKENS,
     Case,
     assert_bitwise_equal,
     backend_device,
@@ -215,6 +216,50 @@ def test_quota_window_is_ceil_of_budget_over_cells():
             g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend=backend),
             g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend=backend),
         )
+
+
+# ---------------------------------------------------------------------------- the device kernels
+# On a GPU kernel_device adds cuda and triton on CUDA: each is compared with the CPU kernel
+# bit for bit (the selection is exact given the scores), and every kernel with the reference.
+
+
+def _select_case(lengths, seed):
+    """Scores full of ties, NaN, +-0 and infinities; cells with out-of-range ids."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    scores = torch.randint(-4, 5, (n,), generator=gen).float() / 4
+    special = torch.tensor([NAN, -0.0, 0.0, INF, -INF])
+    pick = torch.rand(n, generator=gen) < 0.1
+    scores[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=gen)]
+    cells = torch.randint(-2, 40, (n,), generator=gen)
+    return scores, cells
+
+
+def _assert_equals_cpu_and_reference(kernel, device, scores, cells, *args):
+    got = g2tr.balanced_topk(scores.to(device), cells.to(device), *args, backend=kernel).cpu()
+    assert_bitwise_equal("keep_idx vs reference", got, reference.balanced_topk(scores, cells, *args))
+    assert_bitwise_equal("keep_idx vs CPU", got, torch.ops.g2tr.balanced_topk(scores, cells, *args))
+
+
+@kernel_device
+@pytest.mark.parametrize("lengths", [[1], [5, 300], [2048, 2049], [SELECT_MAX_TOKENS]], ids=str)
+@pytest.mark.parametrize("quota", [1, 3])
+def test_balanced_topk_equals_cpu_bit_for_bit(lengths, quota, kernel, device):
+    # Both CUDA block configurations (<= 2048 tokens and larger), padding, one-token images.
+    scores, cells = _select_case(lengths, seed=sum(lengths) + quota)
+    budgets = [max(1, n // 3) for n in lengths]
+    _assert_equals_cpu_and_reference(kernel, device, scores, cells, lengths, budgets, [37] * len(lengths),
+                                     [quota] * len(lengths))
+
+
+@kernel_device
+def test_balanced_topk_more_than_64_images(kernel, device):
+    # A batch over the CUDA per-launch image table (64 images) runs one launch per 64 images.
+    lengths = [3 + (b % 11) for b in range(150)]
+    scores, cells = _select_case(lengths, seed=11)
+    budgets = [max(1, n // 2) for n in lengths]
+    _assert_equals_cpu_and_reference(kernel, device, scores, cells, lengths, budgets, [5] * len(lengths),
+                                     [1] * len(lengths))
 
 
 # ---------------------------------------------------------------------------- the op's inputs

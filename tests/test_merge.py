@@ -239,6 +239,34 @@ def test_ternary_ties_and_nan_bitwise(backend, device):
     assert_bitwise_equal("merged", merged.cpu(), ref_merged)
 
 
+# ---------------------------------------------------------------------------- the device kernels
+# On a GPU kernel_device adds cuda and triton on CUDA: their oracle is the CPU kernel's
+# result (tie-aware, see helpers.py); the CPU kernel's own oracle is the reference.
+
+
+@kernel_device
+@dtypes
+@pytest.mark.parametrize("case", ["keep_all", "keep_one", "many_images", "odd_dim"])
+def test_merge_edge_cases_against_cpu(dtype, case, kernel, device):
+    gen = torch.Generator().manual_seed(1)
+    if case == "many_images":  # over one CUDA launch's 64 images, mixed sizes
+        lengths = [1 + (b * 7) % 23 for b in range(70)]
+    else:
+        lengths = [40, 1, 300]
+    d = 67 if case == "odd_dim" else 32
+    tokens = torch.randn(sum(lengths), d, generator=gen).to(dtype)
+    keep, budgets = [], []
+    for b, n in enumerate(lengths):
+        k = n if case == "keep_all" else (1 if case == "keep_one" else max(1, n // 3))
+        local = torch.randperm(n, generator=gen)[:k].sort().values
+        keep.append(local + sum(lengths[:b]))
+        budgets.append(k)
+    keep_idx = torch.cat(keep)
+    want = None if kernel == "cpu" else torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, 1.0)
+    merged, assign = g2tr.merge(tokens.to(device), keep_idx.to(device), lengths, budgets, 1.0, backend=kernel)
+    assert_merge_matches(case, tokens, keep_idx, merged.cpu(), assign.cpu(), lengths, budgets, 1.0, expected=want)
+
+
 # ---------------------------------------------------------------------------- the op's inputs
 # Read by test_library.py (opcheck) and test_errors.py (bad input through every path);
 # the form is described in helpers.py.

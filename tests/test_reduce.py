@@ -558,6 +558,101 @@ def test_strided_half_tokens_with_nan(backend, device):
     assert_reduce_matches(out, tokens, anchors[:, 1::2], grids, anchor_grids, 0.5, 4, name=f"{backend} non-contiguous")
 
 
+# ---------------------------------------------------------------------------- the device kernels
+# On a GPU kernel_device adds cuda and triton on CUDA: each is compared with the reference
+# (tie-aware) and, where the result is exact, with the CPU kernel bit for bit.
+
+
+def _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids, **kwargs):
+    return g2tr.ReduceOutput(*(t.cpu() for t in g2tr.reduce(tokens.to(device), anchors.to(device), grids,
+                                                            anchor_grids, backend=kernel, **kwargs)))
+
+
+@kernel_device
+@dtypes
+@pytest.mark.parametrize("workload", ["S1", "M2"])
+def test_reduce_matches_reference_and_cpu(workload, dtype, kernel, device):
+    grids, anchor_grids, d = WORKLOADS[workload]
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=7)
+    out = g2tr.reduce(tokens.to(device), anchors.to(device), grids, anchor_grids, backend=kernel)
+    assert out.merged.device.type == device
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name=f"{workload} {kernel}-{device}")
+    # The selection of the kernel's scores equals the CPU kernel's selection of the same scores.
+    lengths = lengths_of(grids)
+    budgets = [spec_budget(n, 0.5, 32) for n in lengths]
+    cells = torch.ops.g2tr.anchor_scores(tokens, anchors, [v for p in grids for v in p],
+                                         [v for p in anchor_grids for v in p])[1]
+    cpu_keep = torch.ops.g2tr.balanced_topk(out.scores.cpu(), cells, lengths, budgets,
+                                            [h * w for h, w in anchor_grids], [1] * len(lengths))
+    assert_bitwise_equal("keep_idx vs CPU selection of the kernel's scores", out.keep_idx.cpu(), cpu_keep)
+
+
+@kernel_device
+@dtypes
+@pytest.mark.parametrize("workload", ["S1", "M2"])
+def test_exact_ties_equal_cpu_bit_for_bit(workload, dtype, kernel, device):
+    # Ternary rows: every score, similarity and sum is exact in any order, so the tie rules
+    # (lower index everywhere) and the merged means must agree with the CPU and the reference exactly.
+    grids, anchor_grids, _ = WORKLOADS[workload]
+    tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, dtype, seed=5)
+    for merge_weight in (1.0, 0.3):
+        got = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
+        cpu = _reduce_on("cpu", "cpu", tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
+        ref = reference.reduce(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
+        assert_outputs_bitwise_equal(f"{workload} weight {merge_weight} vs CPU", got, cpu)
+        assert_outputs_bitwise_equal(f"{workload} weight {merge_weight} vs reference", got, g2tr.ReduceOutput(*ref))
+
+
+@kernel_device
+@dtypes
+def test_misaligned_and_strided_inputs(dtype, kernel, device):
+    # A storage offset of one element breaks 16-byte alignment (the element-wise paths run);
+    # a column slice is not contiguous (the op copies it).
+    grids, anchor_grids, d = [(9, 9)], [(4, 4)], 64
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=3)
+    flat = torch.empty(tokens.numel() + 1, dtype=dtype, device=device)
+    flat[1:].copy_(tokens.reshape(-1).to(device))
+    misaligned = flat[1:].view(tokens.shape)
+    wide = torch.zeros(tokens.shape[0], d + 3, dtype=dtype, device=device)
+    wide[:, 1 : d + 1] = tokens.to(device)
+    strided = wide[:, 1 : d + 1]
+    want = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids)
+    for name, x in (("misaligned", misaligned), ("strided", strided)):
+        assert_outputs_bitwise_equal(name, _reduce_on(kernel, device, x, anchors, grids, anchor_grids), want)
+
+
+@kernel_device
+def test_non_finite_tokens_match_cpu(kernel, device):
+    # NaN scores rank last, a NaN similarity never wins, an all-NaN row joins the first kept row.
+    grids, anchor_grids, d = [(8, 8), (6, 5)], [(4, 4), (3, 3)], 32
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.float32, seed=9)
+    tokens[3] = NAN
+    tokens[17, 5] = INF
+    tokens[70] = 0.0
+    anchors[2] = NAN
+    got = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids)
+    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, name="non-finite")
+
+
+@kernel_device
+def test_reduce_empty_batch_and_tiny_images(kernel, device):
+    empty = _reduce_on(kernel, device, torch.zeros(0, 8), torch.zeros(0, 8), [], [])
+    assert empty.merged.shape == (0, 8) and empty.cu_seqlens.tolist() == [0]
+    grids, anchor_grids = [(1, 1), (1, 2), (3, 1)], [(1, 1), (2, 2), (1, 1)]
+    tokens, anchors = make_workload(grids, anchor_grids, 8, torch.bfloat16, seed=2)
+    got = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=1)
+    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, 0.5, 1, name="tiny images")
+
+
+@kernel_device
+def test_deterministic_across_runs(kernel, device):
+    grids, anchor_grids, d = WORKLOADS["M2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=12)
+    first = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids)
+    for _ in range(3):
+        assert_outputs_bitwise_equal("rerun", _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids), first)
+
+
 # ---------------------------------------------------------------------------- the op's inputs
 # Read by test_library.py (opcheck) and test_errors.py (bad input through every path);
 # the form is described in helpers.py.
