@@ -226,6 +226,11 @@ class G2TRHandle:
         position_ids = arguments.pop("position_ids", None)
         labels = arguments.pop("labels", None)
         mrope = "get_rope_index" in family.handles
+        if family.videos_use_image_token and arguments.get("pixel_values_videos") is not None:
+            raise NotImplementedError(
+                f"g2tr.hf: {family.model_type}: images and videos in one call are not reduced (its video frames are "
+                "image-token placeholders); pass them in separate calls (videos alone run unreduced)"
+            )
         cache = arguments.get("past_key_values")
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
