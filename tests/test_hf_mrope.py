@@ -17,13 +17,21 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
+from test_hf_families import (  # noqa: E402
+    BOI,
+    EOI,
+    GENERATE_MODES,
+    IMG,
+    VID,
+    _qwen_case,
+    hand_reduced,
+    lm_lengths,
+)
+
 from g2tr_kernels.integrations.hf import apply_g2tr  # noqa: E402
 from g2tr_kernels.integrations.hf_support import FAMILIES, resolve  # noqa: E402
 
 from helpers import tiny_vae  # noqa: E402
-from test_hf_families import (  # noqa: E402
-    BOI, EOI, GENERATE_MODES, IMG, VID, _qwen_case, hand_reduced, lm_lengths,
-)
 
 VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=4,
               spatial_merge_size=2, temporal_patch_size=2)

@@ -19,7 +19,7 @@ What happens on a call that carries pixel_values (the prefill):
   4. input_ids, attention_mask, position_ids, labels and the family's other per-token inputs
      (token_type_ids, mm_token_type_ids) are taken at the kept positions (g2tr_kernels.layout):
      every run of N image-context tokens becomes K; tokens that are not image-context tokens
-     (row breaks, image start / end markers) are all kept. M-RoPE models (Qwen2-VL family)
+     (row breaks, image start / end markers) are all kept. M-RoPE models (Qwen2-VL, Qwen3.5, GLM-4V)
      get their 3-D position ids from their own get_rope_index on the unreduced prompt, taken
      at the kept positions, and rope_deltas that continue the sequence while decoding;
   5. the unmodified model runs on the shorter prompt with the reduced features passed as
@@ -276,9 +276,13 @@ class G2TRHandle:
             past_mask = attention_mask[:, : -input_ids.shape[-1]]
             attention_mask = attention_mask[:, -input_ids.shape[-1] :]
         if mrope and (past or past_mask is not None):
+            # Its ids are get_rope_index over the whole conversation, whose earlier turns the cache
+            # holds reduced; transformers' own generate cannot run this case from pixel_values
+            # either, so there is no plain result to be exact against.
             raise NotImplementedError(
                 f"g2tr.hf: {family.model_type}: a prefill with images after cached turns is not reduced (its M-RoPE "
-                "ids continue the cache); run the images in the first turn"
+                "ids continue the whole conversation, which the cache holds reduced); run the images in the first "
+                "turn, or reduce by hand (README, 'Hugging Face VLMs')"
             )
         rope_positions = rope_deltas = None
         if mrope and position_ids is None:

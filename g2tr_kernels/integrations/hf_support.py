@@ -26,6 +26,8 @@ IMAGE_SIZES = "non-square grid per image from image_sizes; row-break tokens kept
 MROPE = "grid per image from image_grid_thw; 3-D M-RoPE ids"
 ANYRES = "anyres: base tile + unpadded grid with image_newline tokens"
 PER_PROMPT = "per-prompt grouping of square tiles"
+MROPE_UNCHECKED = "3-D M-RoPE ids; feature layout not checked"
+_MROPE_AUDIO = "grid per image from image_grid_thw; M-RoPE ids with audio"
 
 
 @dataclass(frozen=True)
@@ -121,16 +123,17 @@ FAMILIES: Dict[str, Family] = {
         _mrope_row("glm_ocr", "as glm4v", videos_use_image_token=True),
         _mrope_row("qwen3_5", "Qwen3.5; as qwen2_vl (its linear-attention layers see the shortened prompt too)"),
         _mrope_row("qwen3_5_moe", "as qwen3_5"),
-        _refused_row("hunyuan_vl", MROPE, "its vision merger appends an image_newline token to every feature row, "
-                                          "so an image's features are no plain grid"),
-        _refused_row("qwen2_5_omni_thinker", MROPE, "its M-RoPE ids interleave audio (use_audio_in_video) and its "
-                                                    "forward takes audio inputs G2TR does not rebuild"),
-        _refused_row("qwen3_omni_moe_thinker", MROPE, "as qwen2_5_omni_thinker"),
+        _refused_row("hunyuan_vl", "grid per image with an image_newline token per row; 3-D M-RoPE ids",
+                     "its vision merger appends an image_newline token to every feature row, so an image's features "
+                     "are no plain grid"),
+        _refused_row("qwen2_5_omni_thinker", _MROPE_AUDIO, "its M-RoPE ids interleave audio (use_audio_in_video) "
+                     "and its forward takes audio inputs G2TR does not rebuild"),
+        _refused_row("qwen3_omni_moe_thinker", _MROPE_AUDIO, "as qwen2_5_omni_thinker"),
         _refused_row("minicpmv4_7", "image slices from target_sizes", "its images are slices described by "
                      "target_sizes / downsample_mode, not one image_grid_thw grid"),
         _refused_row("glm_image", "generated VQ image tokens", "an image-generation model: its image tokens are VQ "
                                                                "codes per images_per_sample, not vision-tower features"),
-        *(_refused_row(name, MROPE, _UNVERIFIED) for name in (
+        *(_refused_row(name, MROPE_UNCHECKED, _UNVERIFIED) for name in (
             "ernie4_5_vl_moe", "paddleocr_vl", "hyperclovax_vision_v2", "exaone4_5", "cohere_compass",
             "cosmos3_edge", "cosmos3_omni", "qwen4_exp")),
     )
