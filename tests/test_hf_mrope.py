@@ -25,9 +25,13 @@ from test_hf_families import (  # noqa: E402
     VID,
     _qwen_case,
     hand_reduced,
+    kept_columns,
     lm_lengths,
+    take,
 )
 
+import g2tr_kernels as g2tr  # noqa: E402
+from g2tr_kernels.anchors import anchors_from_vae  # noqa: E402
 from g2tr_kernels.integrations.hf import apply_g2tr  # noqa: E402
 from g2tr_kernels.integrations.hf_support import FAMILIES, resolve  # noqa: E402
 
@@ -136,16 +140,115 @@ def test_glm_images_and_videos_in_one_call_are_refused():
                    video_grid_thw=torch.tensor([[1, 2, 2]]))
 
 
-def test_images_after_cached_turns_are_refused_with_the_reason():
-    # A second turn's image on a KV cache: its M-RoPE ids continue the cached, reduced turn, which
-    # this call cannot see (see the README); refused, never run with ids of the wrong prompt.
+# -- a second turn with a new image on the KV cache ------------------------------------------
+def _image(h, w):
+    return [BOI] + [IMG] * (h * w) + [EOI]
+
+
+TURN2 = [6] + _image(4, 6) + [7]  # the case's second image (w > h)
+
+
+def _turns(case):
+    """The case's first two images as a conversation: turn 1 asks about image 0, turn 2 (after
+    the answer) about image 1. Patch rows 0:64 are image 0's, 64:160 image 1's."""
+    thw = case.inputs["image_grid_thw"][:2]
+    ids1 = torch.tensor([[1, 3] + _image(4, 4) + [4, 5]])
+    return ids1, thw, case.inputs["pixel_values"][:160]
+
+
+def _generate(model, ids, options=(), **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == IMG).long(),
+                         max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                         **kwargs)
+    return out, torch.stack(out.logits, 1)
+
+
+def _with_text_row(positions):
+    """generate's own [4, 1, L] layout for one unpadded prompt: text positions first."""
+    return torch.cat([torch.arange(positions.shape[-1])[None, None], positions])
+
+
+def _reduced(case, image, pixels, thw):
+    """g2tr.reduce of one image's features at keep 0.5, against its own VAE image's anchors."""
+    encoded = case.model.get_image_features(pixel_values=pixels, image_grid_thw=thw, return_dict=True)
+    feats = torch.cat(list(encoded.pooler_output))
+    anchors, grids = anchors_from_vae(case.model_vae, case.vae_images[image:image + 1], projection="interpolate",
+                                      pool=case.pool, dim=32)
+    h, w = int(thw[0, 1]) // 2, int(thw[0, 2]) // 2
+    out = g2tr.reduce(feats, anchors, [(h, w)], grids, 0.5, min_keep=1)
+    encoded.pooler_output = [out.merged]
+    return encoded, out.keep_idx, h * w
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "glm4v"])
+def test_second_turn_image_on_the_cache_keep_all_is_the_plain_model(name):
+    case = build(name)
+    model, vae = case.model, case.model_vae
+    ids1, thw, pixels = _turns(case)
+    with torch.no_grad():
+        # plain transformers runs this case from the new image's encoder output and every grid
+        first, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1])
+        ids2 = torch.cat([first.sequences, torch.tensor([TURN2])], 1)
+        new = model.get_image_features(pixel_values=pixels[64:], image_grid_thw=thw[1:], return_dict=True)
+        ref, ref_logits = _generate(model, ids2, mm_encoder_outputs={"image": new}, image_grid_thw=thw,
+                                    past_key_values=first.past_key_values)
+        apply_g2tr(model, vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
+        first, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
+                             vae_pixel_values=case.vae_images[:1])
+        assert torch.equal(first.sequences, ids2[:, : first.sequences.shape[1]])
+        # the processor's pixel_values of the whole conversation; VAE images of the new image
+        out, logits = _generate(model, ids2, pixel_values=pixels, image_grid_thw=thw,
+                                past_key_values=first.past_key_values, vae_pixel_values=case.vae_images[1:2])
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "glm4v"])
+def test_second_turn_image_on_the_cache_half_matches_the_conversation_reduced_by_hand(name):
+    case = build(name)
+    model, vae = case.model, case.model_vae
+    ids1, thw, pixels = _turns(case)
+    with torch.no_grad():
+        # by hand: turn 1 reduced, generated, cached; turn 2 = the whole conversation at the kept
+        # columns, M-RoPE ids from get_rope_index over the whole unreduced conversation
+        enc1, keep1, n1 = _reduced(case, 0, pixels[:64], thw[:1])
+        cols1 = kept_columns(ids1, keep1)
+        pos1, _ = model.model.get_rope_index(ids1, mm_token_type_ids=(ids1 == IMG).long(), image_grid_thw=thw[:1])
+        r1 = take(ids1, cols1)
+        first_ref, _ = _generate(model, r1, mm_encoder_outputs={"image": enc1}, image_grid_thw=thw[:1],
+                                 position_ids=_with_text_row(take(pos1, cols1)))
+        answer = first_ref.sequences[:, r1.shape[1]:]
+        ids2 = torch.cat([ids1, answer, torch.tensor([TURN2])], 1)
+        enc2, keep2, _ = _reduced(case, 1, pixels[64:], thw[1:])
+        cols2 = kept_columns(ids2, torch.cat([keep1, keep2 + n1]))
+        pos2, _ = model.model.get_rope_index(ids2, mm_token_type_ids=(ids2 == IMG).long(), image_grid_thw=thw)
+        r2 = take(ids2, cols2)
+        ref, ref_logits = _generate(model, r2, mm_encoder_outputs={"image": enc2}, image_grid_thw=thw,
+                                    position_ids=_with_text_row(take(pos2, cols2)),
+                                    past_key_values=first_ref.past_key_values)
+        handle = apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+        first, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
+                             vae_pixel_values=case.vae_images[:1])
+        assert torch.equal(first.sequences, ids2[:, : first.sequences.shape[1]])  # the prompt comes back
+        seen, hook = lm_lengths(model)
+        out, logits = _generate(model, ids2, pixel_values=pixels, image_grid_thw=thw,
+                                past_key_values=first.past_key_values, vae_pixel_values=case.vae_images[1:2])
+        hook.remove()
+    assert torch.equal(handle.last.output.keep_idx, keep2)
+    assert seen[0] == r2.shape[1] - (r1.shape[1] + 2)  # the uncached columns: last answer token + turn 2
+    assert torch.equal(out.sequences[:, ids2.shape[1]:], ref.sequences[:, r2.shape[1]:])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_with_images_after_cached_turns_is_refused_with_the_reason():
+    # forward gets only the new tokens, not the conversation its M-RoPE ids continue
     case = build("qwen3_5")
     model, inputs = case.model, case.inputs
     apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
     with torch.no_grad():
         first = model(**inputs, vae_pixel_values=case.vae_images, use_cache=True)
         mask = torch.cat([model._g2tr_handle.last.layout.attention_mask, inputs["attention_mask"]], dim=-1)
-        with pytest.raises(NotImplementedError, match="qwen3_5: a prefill with images after cached turns"):
+        with pytest.raises(NotImplementedError, match="qwen3_5: a forward with images after cached turns"):
             model(**dict(inputs, attention_mask=mask), past_key_values=first.past_key_values,
                   vae_pixel_values=case.vae_images)
 

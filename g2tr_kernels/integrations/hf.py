@@ -107,6 +107,15 @@ class _Parts:
 
 
 @dataclass
+class _CachedTurn:
+    """A generate() prefill with images after cached turns: what the cache already holds."""
+
+    image_grid_thw: Any  # every image of the conversation (get_rope_index walks them all)
+    keep: torch.Tensor  # stand-in kept image tokens of the cached images (their ids are all the image token)
+    tokens: int  # image tokens of the cached images in input_ids
+
+
+@dataclass
 class G2TRHandle:
     model: Any
     vae: Any
@@ -234,6 +243,9 @@ class G2TRHandle:
         cache = arguments.get("past_key_values")
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
+        turn = None
+        if mrope and past and for_generate:
+            pixel_values, turn = self._cached_turn(input_ids, pixel_values, arguments, past)
         vision_kwargs = {k: arguments[k] for k in family.vision_kwargs if arguments.get(k) is not None}
         encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         features, lengths, as_tensor = _pack(encoded.pooler_output)
@@ -264,6 +276,10 @@ class G2TRHandle:
             kept_per_image = [parts.fixed_per_image[i] for i in range(len(lengths))]
             for k, i in zip(kept, parts.image):
                 kept_per_image[i] += k
+        image_tokens = features.shape[0]
+        if turn is not None:  # the layout covers the whole conversation, the cached images too
+            keep_idx = torch.cat([turn.keep.to(keep_idx.device), keep_idx + turn.tokens])
+            image_tokens += turn.tokens
         if parts.groups is not None:
             starts = [0]
             for g in parts.groups:
@@ -275,24 +291,24 @@ class G2TRHandle:
             # A prefill after cached turns: the mask also covers the cache, which is not rebuilt.
             past_mask = attention_mask[:, : -input_ids.shape[-1]]
             attention_mask = attention_mask[:, -input_ids.shape[-1] :]
-        if mrope and (past or past_mask is not None):
+        if mrope and (past or past_mask is not None) and turn is None:
             # Its ids are get_rope_index over the whole conversation, whose earlier turns the cache
             # holds reduced; transformers' own generate cannot run this case from pixel_values
             # either, so there is no plain result to be exact against.
             raise NotImplementedError(
-                f"g2tr.hf: {family.model_type}: a prefill with images after cached turns is not reduced (its M-RoPE "
-                "ids continue the whole conversation, which the cache holds reduced); run the images in the first "
-                "turn, or reduce by hand (README, 'Hugging Face VLMs')"
+                f"g2tr.hf: {family.model_type}: a forward with images after cached turns is not reduced (its M-RoPE "
+                "ids continue the whole conversation, which forward does not get); call generate with the whole "
+                "conversation and past_key_values (README, 'Hugging Face VLMs')"
             )
         rope_positions = rope_deltas = None
         if mrope and position_ids is None:
-            rope_positions, rope_deltas = self._rope_index(input_ids, attention_mask, arguments)
-        row_lengths, padding_side = self._host_layout(input_ids, keep_idx, features.shape[0], attention_mask,
-                                                      padding_side)
+            rope_positions, rope_deltas = self._rope_index(
+                input_ids, attention_mask, arguments if turn is None else dict(arguments, image_grid_thw=turn.image_grid_thw))
+        row_lengths, padding_side = self._host_layout(input_ids, keep_idx, image_tokens, attention_mask, padding_side)
         layout = rebuild_padded(
             input_ids, keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
             labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
-            image_tokens=features.shape[0], row_lengths=row_lengths,
+            image_tokens=image_tokens, row_lengths=row_lengths,
         )
         self.last = Reduction(out, grids, anchor_grids, layout, part_lengths, kept)
 
@@ -308,6 +324,8 @@ class G2TRHandle:
         if past_mask is not None:
             new_mask = torch.cat([past_mask, new_mask.to(past_mask.dtype)], dim=-1)
         result = {"input_ids": layout.input_ids, "attention_mask": new_mask}
+        if turn is not None:
+            result["image_grid_thw"] = turn.image_grid_thw
         mm = {"image": encoded}
         if arguments.get("pixel_values_videos") is not None:
             if family.grids != "grid_thw":
@@ -468,6 +486,63 @@ class G2TRHandle:
                 grids.append((int(h) // merge, int(w) // merge))
             return grids
         raise AssertionError(kind)
+
+    def _cached_turn(self, input_ids, pixel_values, arguments, past: int):
+        """generate() on a conversation whose first `past` columns the cache holds, reduced by an
+        earlier call (a second turn with new images). input_ids, image_grid_thw, mm_token_type_ids
+        (and pixel_values, or only the new images' rows) cover the whole conversation as the
+        processor returns it; the VAE sources cover the new images only.
+
+        Returns the new images' pixel_values (image_grid_thw in `arguments` becomes theirs) and
+        the cached part: each cached image keeps the first K of its N placeholders (all are the
+        image token, so which K does not change the reduced ids; the cache has the real ones).
+        Reads input_ids back once (get_rope_index reads the token types back anyway).
+        """
+        name = self.family.model_type
+        if input_ids.shape[0] != 1:
+            raise NotImplementedError(f"g2tr.hf: {name}: images after cached turns are reduced for one conversation "
+                                      f"at a time, got a batch of {input_ids.shape[0]}")
+        if arguments.get("pixel_values_videos") is not None or arguments.get("video_grid_thw") is not None:
+            raise NotImplementedError(f"g2tr.hf: {name}: videos in a conversation with cached turns are not reduced")
+        if arguments.get("image_grid_thw") is None:
+            raise ValueError(f"g2tr.hf: {name} needs image_grid_thw (every image of the conversation)")
+        thw = _host(arguments["image_grid_thw"])
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        tokens = [int(t) * int(h) * int(w) // merge**2 for t, h, w in thw]
+        kept = ops.budgets(tokens, self.keep_ratio, self.min_keep)
+        image_of, within = [], []  # per image token, as masked_scatter fills them
+        for i, n in enumerate(tokens):
+            image_of += [i] * n
+            within += range(n)
+        # The cache ends before the (past + 1)-th column the reduced conversation keeps.
+        count, end, seen = 0, None, 0
+        for token in input_ids[0].tolist():
+            is_image = token == self.image_token_id
+            if is_image and seen >= len(image_of):
+                raise ValueError(f"g2tr.hf: {name}: more image tokens than image_grid_thw describes")
+            if not is_image or within[seen] < kept[image_of[seen]]:
+                if count == past:
+                    end = seen
+                    break
+                count += 1
+            seen += is_image
+        if end is None:
+            raise ValueError(f"g2tr.hf: {name}: the cache ({past} columns) covers the whole prompt")
+        cached = image_of[end] if end < len(image_of) else len(tokens)
+        if end < len(image_of) and within[end] != 0:
+            raise ValueError(f"g2tr.hf: {name}: the cache ({past} columns) ends inside image {cached}; it was not "
+                             "filled by this handle's reduction of the earlier turns")
+        rows = [int(t) * int(h) * int(w) for t, h, w in thw]
+        if pixel_values.shape[0] == sum(rows):
+            pixel_values = pixel_values[sum(rows[:cached]):]
+        elif pixel_values.shape[0] != sum(rows[cached:]):
+            raise ValueError(f"g2tr.hf: {name}: pixel_values has {pixel_values.shape[0]} rows; the conversation's "
+                             f"images have {sum(rows)}, the ones after the cache {sum(rows[cached:])}")
+        all_thw = arguments["image_grid_thw"]
+        arguments["image_grid_thw"] = all_thw[cached:]
+        keep = [torch.arange(sum(tokens[:i]), sum(tokens[:i]) + kept[i]) for i in range(cached)]
+        return pixel_values, _CachedTurn(all_thw, torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long),
+                                         sum(tokens[:cached]))
 
     def _rope_index(self, input_ids, attention_mask, arguments):
         """The model's own 3-D M-RoPE ids [3, B, L] and rope_deltas [B, 1] for the UNREDUCED prompt."""
