@@ -27,8 +27,10 @@ from test_hf_families import (  # noqa: E402
     hand_reduced,
     kept_columns,
     lm_lengths,
+    merge_like,
     take,
 )
+from test_hf_families import build as families_build  # noqa: E402
 
 import g2tr_kernels as g2tr  # noqa: E402
 from g2tr_kernels.anchors import anchors_from_vae  # noqa: E402
@@ -64,6 +66,8 @@ SERVED = {
 
 
 def build(name):
+    if name not in SERVED:  # the Qwen2-VL / Qwen3-VL rows of test_hf_families.py
+        return families_build(name)
     config, model, vision, text, extra = SERVED[name]
     case = _qwen_case(getattr(transformers, config), getattr(transformers, model), vision, text, **extra)
     case.model_vae = tiny_vae()
@@ -177,10 +181,15 @@ def _reduced(case, image, pixels, thw):
     h, w = int(thw[0, 1]) // 2, int(thw[0, 2]) // 2
     out = g2tr.reduce(feats, anchors, [(h, w)], grids, 0.5, min_keep=1)
     encoded.pooler_output = [out.merged]
+    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL
+        encoded.deepstack_features = [merge_like(torch.cat(layer), out) for layer in encoded.deepstack_features]
     return encoded, out.keep_idx, h * w
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "glm4v"])
+TWO_TURNS = ["glm4v", "qwen3_5", "qwen3_vl"]  # qwen3_vl: deepstack features of the new image only
+
+
+@pytest.mark.parametrize("name", TWO_TURNS)
 def test_second_turn_image_on_the_cache_keep_all_is_the_plain_model(name):
     case = build(name)
     model, vae = case.model, case.model_vae
@@ -203,7 +212,7 @@ def test_second_turn_image_on_the_cache_keep_all_is_the_plain_model(name):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "glm4v"])
+@pytest.mark.parametrize("name", TWO_TURNS)
 def test_second_turn_image_on_the_cache_half_matches_the_conversation_reduced_by_hand(name):
     case = build(name)
     model, vae = case.model, case.model_vae
@@ -238,6 +247,30 @@ def test_second_turn_image_on_the_cache_half_matches_the_conversation_reduced_by
     assert seen[0] == r2.shape[1] - (r1.shape[1] + 2)  # the uncached columns: last answer token + turn 2
     assert torch.equal(out.sequences[:, ids2.shape[1]:], ref.sequences[:, r2.shape[1]:])
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_the_conversation_does_not_continue_is_an_error():
+    # the wrapper finds the cache's end from how this handle reduced the earlier turns: a cache
+    # filled otherwise would misplace every later id, so it is an error, never a silent shift
+    case = build("qwen3_5")
+    model, vae = case.model, case.model_vae
+    ids1, thw, pixels = _turns(case)
+    with torch.no_grad():
+        plain, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1])
+        ids2 = torch.cat([plain.sequences, torch.tensor([TURN2])], 1)
+        handle = apply_g2tr(model, vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
+        second = dict(pixel_values=pixels, image_grid_thw=thw, vae_pixel_values=case.vae_images[1:2])
+        with pytest.raises(ValueError, match="not filled by this handle's generate"):
+            _generate(model, ids2, past_key_values=plain.past_key_values, **second)
+        unreduced, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
+                                 vae_pixel_values=case.vae_images[:1])
+        handle.remove()
+        apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+        with pytest.raises(ValueError, match="reduced by 0 tokens, these input_ids reduce the part it would hold by"):
+            _generate(model, ids2, past_key_values=unreduced.past_key_values, **second)
+        with pytest.raises(NotImplementedError, match="one conversation at a time, got a batch of 2"):
+            _generate(model, ids2.repeat(2, 1), past_key_values=unreduced.past_key_values,
+                      **dict(second, pixel_values=torch.cat([pixels, pixels]), image_grid_thw=thw.repeat(2, 1)))
 
 
 def test_a_forward_with_images_after_cached_turns_is_refused_with_the_reason():

@@ -514,20 +514,27 @@ class G2TRHandle:
         for i, n in enumerate(tokens):
             image_of += [i] * n
             within += range(n)
+        dropped = getattr(arguments["past_key_values"], "_g2tr_dropped", None)
+        if dropped is None:
+            raise ValueError(f"g2tr.hf: {name}: past_key_values was not filled by this handle's generate (one "
+                             "conversation), so where it ends in the unreduced conversation is unknown")
         # The cache ends before the (past + 1)-th column the reduced conversation keeps.
-        count, end, seen = 0, None, 0
-        for token in input_ids[0].tolist():
+        count, end, end_column, seen = 0, None, 0, 0
+        for column, token in enumerate(input_ids[0].tolist()):
             is_image = token == self.image_token_id
             if is_image and seen >= len(image_of):
                 raise ValueError(f"g2tr.hf: {name}: more image tokens than image_grid_thw describes")
             if not is_image or within[seen] < kept[image_of[seen]]:
                 if count == past:
-                    end = seen
+                    end, end_column = seen, column
                     break
                 count += 1
             seen += is_image
         if end is None:
             raise ValueError(f"g2tr.hf: {name}: the cache ({past} columns) covers the whole prompt")
+        if end_column - past != dropped:
+            raise ValueError(f"g2tr.hf: {name}: past_key_values holds a conversation reduced by {dropped} tokens, "
+                             f"these input_ids reduce the part it would hold by {end_column - past}")
         cached = image_of[end] if end < len(image_of) else len(tokens)
         if end < len(image_of) and within[end] != 0:
             raise ValueError(f"g2tr.hf: {name}: the cache ({past} columns) ends inside image {cached}; it was not "
@@ -659,6 +666,12 @@ class G2TRHandle:
         kwargs.update(reduced)
         # generate's first parameter takes the ids, so positional arguments after it still line up.
         out = original(reduced_ids, *args, **kwargs)
+        if input_ids.shape[0] == 1:
+            # How many columns the cache is short of the conversation: a later turn's prefill
+            # (_cached_turn) checks that its unreduced input_ids continue this very cache.
+            for cache in (kwargs.get("past_key_values"), getattr(out, "past_key_values", None)):
+                if cache is not None:
+                    cache._g2tr_dropped = input_ids.shape[-1] - reduced_ids.shape[-1]
         if not self.restore_prompt:
             return out
         return _restore_prompt(out, input_ids, reduced_ids.shape[-1])
