@@ -7,6 +7,7 @@ reduced by hand (the model's own get_rope_index on the unreduced prompt, taken a
 columns; rope_deltas + dropped tokens). Every other installed family that computes M-RoPE ids
 has a row that refuses it at apply time, with its reason.
 """
+import functools
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
+import test_hf_families as families  # noqa: E402
 from test_hf_families import (  # noqa: E402
     BOI,
     EOI,
@@ -24,13 +26,11 @@ from test_hf_families import (  # noqa: E402
     IMG,
     VID,
     _qwen_case,
-    hand_reduced,
     kept_columns,
     lm_lengths,
     merge_like,
     take,
 )
-from test_hf_families import build as families_build  # noqa: E402
 
 import g2tr_kernels as g2tr  # noqa: E402
 from g2tr_kernels.anchors import anchors_from_vae  # noqa: E402
@@ -65,50 +65,28 @@ SERVED = {
 }
 
 
-def build(name):
-    if name not in SERVED:  # the Qwen2-VL / Qwen3-VL rows of test_hf_families.py
-        return families_build(name)
+def _served_case(name):
     config, model, vision, text, extra = SERVED[name]
     case = _qwen_case(getattr(transformers, config), getattr(transformers, model), vision, text, **extra)
-    case.model_vae = tiny_vae()
     assert case.model.config.model_type == name
     return case
 
 
+# test_hf_families' own checks (keep 1.0 == the plain model; 0.5 == the prompt reduced by hand,
+# forward and generate) run here on these families: its tests look their case up by name.
+for _name in SERVED:
+    families.CASES[_name] = functools.partial(_served_case, _name)
+build = families.build
+
+
 @pytest.mark.parametrize("name", sorted(SERVED))
 def test_keep_all_is_the_plain_model(name):
-    case = build(name)
-    model, inputs = case.model, case.inputs
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_deltas = model.model.rope_deltas.clone()
-        ref_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        handle = apply_g2tr(model, case.model_vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
-        out = model(**inputs, vae_pixel_values=case.vae_images).logits
-        deltas = model.model.rope_deltas.clone()
-        gen = model.generate(**inputs, vae_pixel_values=case.vae_images, max_new_tokens=3, do_sample=False)
-    assert handle.family.model_type == name and handle.last.grids == case.grids
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(deltas, ref_deltas)
-    assert torch.equal(gen, ref_gen)
+    families.test_keep_all_is_the_plain_model(name)
 
 
 @pytest.mark.parametrize("name", sorted(SERVED))
 def test_half_matches_the_prompt_reduced_by_hand(name):
-    case = build(name)
-    model, inputs = case.model, case.inputs
-    reduced, expected, kept = hand_reduced(case, 0.5)
-    deltas = reduced.pop("_rope_deltas")
-    with torch.no_grad():
-        ref = model(**reduced).logits
-        handle = apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
-        seen, hook = lm_lengths(model)
-        out = model(**inputs, vae_pixel_values=case.vae_images).logits
-        hook.remove()
-    assert handle.last.kept == kept and torch.equal(handle.last.output.keep_idx, expected.keep_idx)
-    assert seen == [reduced["input_ids"].shape[1]] and seen[0] < inputs["input_ids"].shape[1]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.model.rope_deltas, deltas)  # decoding continues after the reduced prompt
+    families.test_half_matches_the_prompt_reduced_by_hand(name)
 
 
 # every mode on one GLM and one Qwen3.5 model, greedy on the rest (they share the code path)
@@ -118,21 +96,7 @@ GENERATE_CASES = [(n, "greedy") for n in sorted(SERVED)] + [
 
 @pytest.mark.parametrize("name,mode", GENERATE_CASES)
 def test_half_generate_matches_the_prompt_reduced_by_hand(name, mode):
-    case = build(name)
-    model, inputs = case.model, case.inputs
-    reduced, _, _ = hand_reduced(case, 0.5, generate=True)
-    reduced.pop("_rope_deltas")
-    options = dict(max_new_tokens=4, **GENERATE_MODES[mode])
-    length = inputs["input_ids"].shape[1]
-    with torch.no_grad():
-        torch.manual_seed(5)
-        ref = model.generate(**reduced, **options)
-        apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
-        torch.manual_seed(5)
-        gen = model.generate(**inputs, vae_pixel_values=case.vae_images, **options)
-    repeat = options.get("num_return_sequences", 1)
-    assert torch.equal(gen[:, :length], inputs["input_ids"].repeat_interleave(repeat, 0))  # the prompt comes back
-    assert torch.equal(gen[:, length:], ref[:, reduced["input_ids"].shape[1]:])
+    families.test_half_generate_matches_the_prompt_reduced_by_hand(name, mode)
 
 
 def test_glm_images_and_videos_in_one_call_are_refused():
