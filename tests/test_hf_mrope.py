@@ -176,6 +176,44 @@ def test_second_turn_image_on_the_cache_keep_all_is_the_plain_model(name):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
+def _first_turn_by_hand(case, ids1, thw, pixels):
+    """Turn 1 reduced by hand and generated: (reduced prompt, generate output with its cache,
+    keep_idx, image tokens). Sets rope_deltas as the wrapper does (generate does not when given
+    position_ids), for a later turn without images."""
+    model = case.model
+    enc1, keep1, n1 = _reduced(case, 0, pixels[:64], thw[:1])
+    cols1 = kept_columns(ids1, keep1)
+    pos1, deltas = model.model.get_rope_index(ids1, mm_token_type_ids=(ids1 == IMG).long(), image_grid_thw=thw[:1])
+    r1 = take(ids1, cols1)
+    first, _ = _generate(model, r1, mm_encoder_outputs={"image": enc1}, image_grid_thw=thw[:1],
+                         position_ids=_with_text_row(take(pos1, cols1)))
+    model.model.rope_deltas = deltas + (ids1.shape[1] - r1.shape[1])
+    return r1, first, keep1, n1
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "glm4v"])
+def test_a_text_turn_on_a_reduced_cache_matches_the_conversation_reduced_by_hand(name):
+    # the conversation as generate returned it (unreduced) continues a cache that holds it
+    # reduced: generate must feed exactly the new tokens, at positions after the reduced prompt
+    case = build(name)
+    model, vae = case.model, case.model_vae
+    ids1, thw, pixels = _turns(case)
+    text = torch.tensor([[9, 10, 11]])
+    with torch.no_grad():
+        r1, first_ref, _, _ = _first_turn_by_hand(case, ids1, thw, pixels)
+        r2 = torch.cat([first_ref.sequences, text], 1)
+        ref, ref_logits = _generate(model, r2, image_grid_thw=thw[:1], past_key_values=first_ref.past_key_values)
+        apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+        first, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
+                             vae_pixel_values=case.vae_images[:1])
+        ids2 = torch.cat([first.sequences, text], 1)
+        out, logits = _generate(model, ids2, image_grid_thw=thw[:1], past_key_values=first.past_key_values)
+    assert torch.equal(first.sequences[:, ids1.shape[1]:], first_ref.sequences[:, r1.shape[1]:])
+    assert torch.equal(out.sequences[:, : ids2.shape[1]], ids2)  # the conversation comes back unreduced
+    assert torch.equal(out.sequences[:, ids2.shape[1]:], ref.sequences[:, r2.shape[1]:])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", TWO_TURNS)
 def test_second_turn_image_on_the_cache_half_matches_the_conversation_reduced_by_hand(name):
     case = build(name)
@@ -184,12 +222,7 @@ def test_second_turn_image_on_the_cache_half_matches_the_conversation_reduced_by
     with torch.no_grad():
         # by hand: turn 1 reduced, generated, cached; turn 2 = the whole conversation at the kept
         # columns, M-RoPE ids from get_rope_index over the whole unreduced conversation
-        enc1, keep1, n1 = _reduced(case, 0, pixels[:64], thw[:1])
-        cols1 = kept_columns(ids1, keep1)
-        pos1, _ = model.model.get_rope_index(ids1, mm_token_type_ids=(ids1 == IMG).long(), image_grid_thw=thw[:1])
-        r1 = take(ids1, cols1)
-        first_ref, _ = _generate(model, r1, mm_encoder_outputs={"image": enc1}, image_grid_thw=thw[:1],
-                                 position_ids=_with_text_row(take(pos1, cols1)))
+        r1, first_ref, keep1, n1 = _first_turn_by_hand(case, ids1, thw, pixels)
         answer = first_ref.sequences[:, r1.shape[1]:]
         ids2 = torch.cat([ids1, answer, torch.tensor([TURN2])], 1)
         enc2, keep2, _ = _reduced(case, 1, pixels[64:], thw[1:])

@@ -487,6 +487,28 @@ class G2TRHandle:
             return grids
         raise AssertionError(kind)
 
+    def _continue_reduced_cache(self, input_ids, kwargs) -> Optional[torch.Tensor]:
+        """A later turn without images on a cache that holds a reduced conversation: the caller's
+        input_ids (the conversation as generate returned it, unreduced) shortened by the columns
+        the cache never held, so generate feeds exactly the new tokens. None: nothing to shorten."""
+        cache = kwargs.get("past_key_values")
+        if not hasattr(cache, "_g2tr_dropped") or cache._g2tr_dropped == 0:
+            return None
+        dropped, past = cache._g2tr_dropped, cache.get_seq_length()
+        if dropped is None:
+            raise NotImplementedError("g2tr.hf: a cache filled by a reduced batch of prompts is not continued (its "
+                                      "rows dropped different numbers of tokens); one conversation at a time")
+        length = input_ids.shape[-1]
+        if input_ids.shape[0] != 1 or length <= past + dropped:
+            raise ValueError(f"g2tr.hf: past_key_values holds {past} columns of a conversation reduced by {dropped}; "
+                             f"input_ids {list(input_ids.shape)} do not continue it")
+        keep = torch.cat([torch.arange(past), torch.arange(past + dropped, length)]).to(input_ids.device)
+        for name in ("attention_mask",) + _TOKEN_TYPES:
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[-1] == length:
+                kwargs[name] = value[..., keep]
+        return input_ids[..., keep]
+
     def _cached_turn(self, input_ids, pixel_values, arguments, past: int):
         """generate() on a conversation whose first `past` columns the cache holds, reduced by an
         earlier call (a second turn with new images). input_ids, image_grid_thw, mm_token_type_ids
@@ -657,8 +679,14 @@ class G2TRHandle:
             input_ids = kwargs.pop("input_ids", None)
             if input_ids is None:
                 input_ids = kwargs.pop("inputs", None)
-        if kwargs.get("pixel_values") is None or input_ids is None:
-            return original(*args, **kwargs) if input_ids is None else original(input_ids, *args, **kwargs)
+        if input_ids is None:
+            return original(*args, **kwargs)
+        if kwargs.get("pixel_values") is None:
+            shortened = self._continue_reduced_cache(input_ids, kwargs)
+            if shortened is None:
+                return original(input_ids, *args, **kwargs)
+            out = original(shortened, *args, **kwargs)
+            return _restore_prompt(out, input_ids, shortened.shape[-1])
         kwargs["input_ids"] = input_ids
         # Batched generation appends on the right, so new padding goes on the left.
         reduced = self._prepare(kwargs, sources, "left", for_generate=True)
@@ -666,12 +694,12 @@ class G2TRHandle:
         kwargs.update(reduced)
         # generate's first parameter takes the ids, so positional arguments after it still line up.
         out = original(reduced_ids, *args, **kwargs)
-        if input_ids.shape[0] == 1:
-            # How many columns the cache is short of the conversation: a later turn's prefill
-            # (_cached_turn) checks that its unreduced input_ids continue this very cache.
-            for cache in (kwargs.get("past_key_values"), getattr(out, "past_key_values", None)):
-                if cache is not None:
-                    cache._g2tr_dropped = input_ids.shape[-1] - reduced_ids.shape[-1]
+        # How many columns the cache is short of the conversation the caller sees (None: a batch,
+        # whose rows differ): a later turn on this cache is shortened by it (_cached_turn,
+        # _continue_reduced_cache) instead of being read at the wrong columns.
+        for cache in (kwargs.get("past_key_values"), getattr(out, "past_key_values", None)):
+            if cache is not None and self.restore_prompt:
+                cache._g2tr_dropped = input_ids.shape[-1] - reduced_ids.shape[-1] if input_ids.shape[0] == 1 else None
         if not self.restore_prompt:
             return out
         return _restore_prompt(out, input_ids, reduced_ids.shape[-1])
