@@ -4,7 +4,7 @@
 #   bash tools/torch_matrix.sh                  # 2.11.0 (the lent GPU machine's) and 2.15.0
 #   bash tools/torch_matrix.sh 2.12.0 2.13.0    # any releases on PyPI
 #
-# tools/test.sh runs it when G2TR_TORCH_MATRIX=1 (not yet set by .ci/run: see there). Each release gets
+# tools/test.sh runs it when G2TR_TORCH_MATRIX=1 (.ci/run sets it). Each release gets
 # build/torch-<v>/: a venv holding only torch <v>, the triton that wheel pins and the
 # nvidia libraries it pins newer than the project venv's (read from its metadata: none
 # for 2.11.0, nvshmem for 2.15.0 against this project's venv), all installed with
