@@ -228,6 +228,8 @@ class G2TRHandle:
         mrope = "get_rope_index" in family.handles
         cache = arguments.get("past_key_values")
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        # Before the vision tower is enqueued: the layout then waits for a finished copy, not the ViT.
+        row_counts = _RowCounts.start(input_ids, self.image_token_id)
 
         vision_kwargs = {k: arguments[k] for k in family.vision_kwargs if arguments.get(k) is not None}
         encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
@@ -278,11 +280,10 @@ class G2TRHandle:
         rope_positions = rope_deltas = None
         if mrope and position_ids is None:
             rope_positions, rope_deltas = self._rope_index(input_ids, attention_mask, arguments)
-        row_lengths, padding_side = self._host_layout(input_ids, keep_idx, features.shape[0], attention_mask,
-                                                      padding_side)
+        row_lengths = self._row_lengths(row_counts, input_ids, keep_idx, lengths, kept_per_image)
         layout = rebuild_padded(
             input_ids, keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
-            labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
+            labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side or "auto",
             image_tokens=features.shape[0], row_lengths=row_lengths,
         )
         self.last = Reduction(out, grids, anchor_grids, layout, part_lengths, kept)
@@ -342,28 +343,29 @@ class G2TRHandle:
             result["position_ids"] = positions
         return result
 
-    def _host_layout(self, input_ids, keep_idx, image_tokens: int, attention_mask, padding_side):
-        """Each row's reduced length and the padding side, as host values.
+    def _row_lengths(self, row_counts: Optional["_RowCounts"], input_ids, keep_idx, lengths, kept) -> List[int]:
+        """Each row's length after the reduction, as host ints (they size the new prompt).
 
-        One prompt: from host sizes alone, and no new padding, so no side: nothing is read
-        from the device. A batch: one small read (B + 2 ints) of the per-row counts and, for
-        forward, whether the prompts are left-padded (some row starts with padding while every
-        row ends with a real token).
+        One prompt: from host sizes alone. A batch: from each row's image-token count, copied
+        to the host when the prefill started (_RowCounts), and the host-side N and K of each
+        image, images filling the rows in order. Only where that does not hold (an image whose
+        tokens do not sit in one row, a token count that is not the features' count, or under
+        torch.compile) are the kept tokens counted per row on the device and read back: one
+        graph break under torch.compile, none with capture_scalar_outputs (unbacked sizes).
         """
         b, length = input_ids.shape
         if b == 1:
-            return [length - (image_tokens - keep_idx.numel())], padding_side or "right"
+            return [length - (sum(lengths) - keep_idx.numel())]
+        per_row = row_counts.wait() if row_counts is not None else None
+        if per_row is not None:
+            rows = _image_rows(per_row, lengths)
+            if rows is not None:
+                kept_per_row = per_row.new_zeros(b).scatter_add_(0, rows, torch.tensor(kept, dtype=per_row.dtype))
+                return (length - per_row + kept_per_row).tolist()
         per_row = (input_ids == self.image_token_id).sum(1)
         kept_rows = torch.searchsorted(per_row.cumsum(0), keep_idx.to(per_row.device), right=True)
         kept_per_row = per_row.new_zeros(b).scatter_add_(0, kept_rows, torch.ones_like(kept_rows))
-        values = [length - per_row + kept_per_row]
-        detect = padding_side is None and attention_mask is not None and attention_mask.dim() == 2
-        if detect:
-            values.append(torch.stack([(attention_mask[:, -1] != 0).all(), (attention_mask[:, 0] == 0).any()]).long())
-        host = torch.cat(values).tolist()  # the one device read of a batched prefill
-        if padding_side is None:
-            padding_side = "left" if detect and host[b] and host[b + 1] else "right"
-        return host[:b], padding_side
+        return (length - per_row + kept_per_row).tolist()
 
     def _parts(self, lengths: List[int], arguments) -> "_Parts":
         if self.family.grids == "anyres":
@@ -578,6 +580,51 @@ class G2TRHandle:
         if not self.restore_prompt:
             return out
         return _restore_prompt(out, input_ids, reduced_ids.shape[-1])
+
+
+class _RowCounts:
+    """Each prompt row's image-token count, on its way to the host from the start of the prefill.
+
+    Read when the layout is rebuilt, the counts would wait for everything queued before them
+    (vision tower, VAE, reduction): a pipeline stall. Copied first, non-blocking into pinned
+    memory with an event, the layout waits only for a copy that finished long before.
+    """
+
+    def __init__(self, counts: torch.Tensor, event=None):
+        self.counts, self.event = counts, event
+
+    @classmethod
+    def start(cls, input_ids: torch.Tensor, image_token_id: int) -> Optional["_RowCounts"]:
+        if input_ids.shape[0] == 1 or torch.compiler.is_compiling():
+            return None  # one prompt needs no counts; a traced graph cannot hold an event
+        counts = (input_ids == image_token_id).sum(1)
+        if counts.device.type != "cuda":
+            return cls(counts.cpu())  # the CPU: no copy; other devices: nothing of this prefill queued yet
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event)
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.counts
+
+
+def _image_rows(per_row: torch.Tensor, lengths: List[int]) -> Optional[torch.Tensor]:
+    """The row of each image (host tensors), or None if some image's tokens are not all in one row
+    or the rows hold another number of image tokens than the features."""
+    ends = per_row.cumsum(0)
+    if not lengths or int(ends[-1]) != sum(lengths):
+        return None
+    sizes = torch.tensor(lengths, dtype=ends.dtype)
+    starts = sizes.cumsum(0) - sizes
+    first = torch.searchsorted(ends, starts, right=True).clamp_(max=per_row.numel() - 1)
+    last = torch.searchsorted(ends, starts + sizes - 1, right=True).clamp_(max=per_row.numel() - 1)
+    if not torch.equal(first[sizes > 0], last[sizes > 0]):
+        return None
+    return first
 
 
 class _Patched:
