@@ -219,7 +219,7 @@ def rebuild_padded(
         lead = values.shape[:-2]
         out = values.new_full((*lead, b, new_len + 1), fill)
         out.scatter_(-1, target.expand(*lead, b, length), values.expand(*lead, b, length))
-        return out[..., :new_len]
+        return out.narrow(-1, 0, new_len)  # narrow, not a slice: an unbacked new_len stays one symbol
 
     index = rebuild(torch.arange(length, device=device).expand(b, length), -1)
     new_pos = None

@@ -362,10 +362,22 @@ class G2TRHandle:
             if rows is not None:
                 kept_per_row = per_row.new_zeros(b).scatter_add_(0, rows, torch.tensor(kept, dtype=per_row.dtype))
                 return (length - per_row + kept_per_row).tolist()
+        return self._row_lengths_from_device(input_ids, keep_idx)
+
+    def _row_lengths_from_device(self, input_ids, keep_idx) -> List[int]:
+        """The kept tokens of each row counted on the device, and read back (B ints)."""
+        length = input_ids.shape[1]
         per_row = (input_ids == self.image_token_id).sum(1)
         kept_rows = torch.searchsorted(per_row.cumsum(0), keep_idx.to(per_row.device), right=True)
-        kept_per_row = per_row.new_zeros(b).scatter_add_(0, kept_rows, torch.ones_like(kept_rows))
-        return (length - per_row + kept_per_row).tolist()
+        kept_per_row = per_row.new_zeros(per_row.numel()).scatter_add_(0, kept_rows, torch.ones_like(kept_rows))
+        row_lengths = (length - per_row + kept_per_row).tolist()
+        for n in row_lengths:
+            if isinstance(n, torch.SymInt):
+                # What tracing cannot know of an unbacked length: a row keeps K >= 1 of each
+                # image and all its other tokens, so it is never empty and never longer than before.
+                torch._check(n >= 1)
+                torch._check(n <= length)
+        return row_lengths
 
     def _parts(self, lengths: List[int], arguments) -> "_Parts":
         if self.family.grids == "anyres":
