@@ -302,16 +302,7 @@ class G2TRHandle:
         result = {"input_ids": layout.input_ids, "attention_mask": new_mask}
         mm = {"image": encoded}
         if arguments.get("pixel_values_videos") is not None:
-            if family.grids != "grid_thw":
-                raise NotImplementedError(
-                    f"g2tr.hf: {family.model_type}: images and videos in one call are not reduced; pass them in "
-                    "separate calls (videos alone run unreduced)"
-                )
-            # Videos are not reduced; they are encoded here because the model takes either
-            # pixel values or encoder outputs, not both.
-            mm["video"] = self.model.get_video_features(
-                arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
-            )
+            mm["video"] = self._video_features(arguments)
         result["mm_encoder_outputs"] = mm
         # The row's per-token inputs, and the token-type tensors processors return even where
         # the model only passes them on (generate slices and extends them like input_ids).
@@ -342,6 +333,17 @@ class G2TRHandle:
                 positions = torch.cat([text[None].to(positions), positions], dim=0)
             result["position_ids"] = positions
         return result
+
+    def _video_features(self, arguments):
+        """The call's videos, encoded by the model itself and not reduced: the model takes pixel values
+        or encoder outputs, not both, and G2TR reduces images (a video's frames have no VAE image).
+        Their tokens are not image tokens, so the layout keeps every one in place."""
+        get_video_features = self.model.get_video_features
+        accepted = inspect.signature(get_video_features).parameters
+        # The forward arguments that shape the video features (the rest default from the config).
+        names = ("video_grid_thw", "vision_feature_layer", "vision_feature_select_strategy")
+        extra = {k: arguments[k] for k in names if k in accepted and arguments.get(k) is not None}
+        return get_video_features(arguments.pop("pixel_values_videos"), return_dict=True, **extra)
 
     def _row_lengths(self, row_counts: Optional["_RowCounts"], input_ids, keep_idx, lengths, kept) -> List[int]:
         """Each row's length after the reduction, as host ints (they size the new prompt).
