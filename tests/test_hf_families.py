@@ -630,7 +630,7 @@ def test_support_table_is_in_the_readme():
 # -- torch.compile ------------------------------------------------------------------------
 def test_compiled_prefill_has_no_graph_break_of_the_projects_making():
     # One prompt: every size comes from host-side grids, so the wrapper and g2tr_kernels read
-    # nothing back from the device (a batch reads B + 2 ints once, see _host_layout).
+    # nothing back from the device (a batch: tests/test_hf_sync.py).
     from pathlib import Path
 
     import g2tr_kernels
