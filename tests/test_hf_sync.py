@@ -9,6 +9,7 @@ torch._dynamo.explain sees of the batched prefill.
 """
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,9 +40,8 @@ def test_batched_prefill_copies_the_row_counts_before_the_vision_tower(monkeypat
     with torch.no_grad():
         apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
         log = []
-        start, wait = hf._RowCounts.start.__func__, hf._RowCounts.wait
-        monkeypatch.setattr(hf._RowCounts, "start", classmethod(_logged(log, "copy row counts", start)))
-        monkeypatch.setattr(hf._RowCounts, "wait", _logged(log, "wait for the copy", wait))
+        monkeypatch.setattr(hf._HostCopy, "__init__", _logged(log, "copy row counts", hf._HostCopy.__init__))
+        monkeypatch.setattr(hf._HostCopy, "wait", _logged(log, "wait for the copy", hf._HostCopy.wait))
         monkeypatch.setattr(model, "get_image_features", _logged(log, "vision tower", model.get_image_features))
         monkeypatch.setattr(case.model_vae, "encode", _logged(log, "vae", case.model_vae.encode))
         monkeypatch.setattr(ops, "reduce", _logged(log, "reduce", ops.reduce))
@@ -89,11 +89,13 @@ def test_padding_side_auto_is_decided_on_the_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned copy and its event exist on CUDA only")
-def test_row_counts_go_to_pinned_memory_with_an_event_on_cuda():
+def test_device_values_go_to_pinned_memory_with_an_event_on_cuda():
     ids = torch.tensor([[7, 7, 1], [7, 2, 3]], device="cuda")
-    counts = hf._RowCounts.start(ids, 7)
-    assert counts.counts.is_pinned() and counts.event is not None
+    sizes = torch.tensor([[30, 60], [20, 32]], device="cuda")
+    counts = G2TRHandle._start_host_copies(SimpleNamespace(image_token_id=7), ids, {"image_sizes": sizes})
+    assert counts.values.is_pinned() and counts.event is not None
     assert counts.wait().tolist() == [2, 1]
+    assert hf._COPIES[sizes].values.is_pinned() and hf._host(sizes) == [[30, 60], [20, 32]]
 
 
 @pytest.mark.parametrize("capture_scalar_outputs", [False, True], ids=["default", "capture_scalar_outputs"])

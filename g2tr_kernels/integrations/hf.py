@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
 from ..anchors import Pool, Projection, encode_latents, prepare_anchors
@@ -228,8 +229,7 @@ class G2TRHandle:
         mrope = "get_rope_index" in family.handles
         cache = arguments.get("past_key_values")
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        # Before the vision tower is enqueued: the layout then waits for a finished copy, not the ViT.
-        row_counts = _RowCounts.start(input_ids, self.image_token_id)
+        row_counts = self._start_host_copies(input_ids, arguments)
 
         vision_kwargs = {k: arguments[k] for k in family.vision_kwargs if arguments.get(k) is not None}
         encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
@@ -345,11 +345,24 @@ class G2TRHandle:
         extra = {k: arguments[k] for k in names if k in accepted and arguments.get(k) is not None}
         return get_video_features(arguments.pop("pixel_values_videos"), return_dict=True, **extra)
 
-    def _row_lengths(self, row_counts: Optional["_RowCounts"], input_ids, keep_idx, lengths, kept) -> List[int]:
+    def _start_host_copies(self, input_ids, arguments) -> Optional["_HostCopy"]:
+        """Before the vision tower is enqueued, the device values the host will need start on their
+        way: each row's image-token count (a batch) and the per-image sizes (_host reads them)."""
+        if torch.compiler.is_compiling():
+            return None  # a traced graph cannot hold an event
+        for name in _HOST_SIZES:
+            value = arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                _COPIES[value] = _HostCopy(value)
+        if input_ids.shape[0] == 1:
+            return None  # one prompt: its length follows from host sizes
+        return _HostCopy((input_ids == self.image_token_id).sum(1))
+
+    def _row_lengths(self, row_counts: Optional["_HostCopy"], input_ids, keep_idx, lengths, kept) -> List[int]:
         """Each row's length after the reduction, as host ints (they size the new prompt).
 
         One prompt: from host sizes alone. A batch: from each row's image-token count, copied
-        to the host when the prefill started (_RowCounts), and the host-side N and K of each
+        to the host when the prefill started (_HostCopy), and the host-side N and K of each
         image, images filling the rows in order. Only where that does not hold (an image whose
         tokens do not sit in one row, a token count that is not the features' count, or under
         torch.compile) are the kept tokens counted per row on the device and read back: one
@@ -596,34 +609,35 @@ class G2TRHandle:
         return _restore_prompt(out, input_ids, reduced_ids.shape[-1])
 
 
-class _RowCounts:
-    """Each prompt row's image-token count, on its way to the host from the start of the prefill.
+class _HostCopy:
+    """A few device values on their way to the host from the start of the prefill.
 
-    Read when the layout is rebuilt, the counts would wait for everything queued before them
-    (vision tower, VAE, reduction): a pipeline stall. Copied first, non-blocking into pinned
-    memory with an event, the layout waits only for a copy that finished long before.
+    Read where they are needed (the layout, after the reduction), they would wait for
+    everything queued before them: the vision tower, the VAE, the reduction, a pipeline stall.
+    Copied first, non-blocking into pinned memory with an event, the host waits only for a
+    copy that finished long before.
     """
 
-    def __init__(self, counts: torch.Tensor, event=None):
-        self.counts, self.event = counts, event
-
-    @classmethod
-    def start(cls, input_ids: torch.Tensor, image_token_id: int) -> Optional["_RowCounts"]:
-        if input_ids.shape[0] == 1 or torch.compiler.is_compiling():
-            return None  # one prompt needs no counts; a traced graph cannot hold an event
-        counts = (input_ids == image_token_id).sum(1)
-        if counts.device.type != "cuda":
-            return cls(counts.cpu())  # the CPU: no copy; other devices: nothing of this prefill queued yet
-        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-        host.copy_(counts, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return cls(host, event)
+    def __init__(self, values: torch.Tensor):
+        self.event = None
+        if values.device.type != "cuda":
+            self.values = values.cpu()  # the CPU: no copy; other devices: nothing of this prefill queued yet
+            return
+        self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        self.values.copy_(values, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(values.device))  # the stream the copy went on
 
     def wait(self) -> torch.Tensor:
         if self.event is not None:
             self.event.synchronize()
-        return self.counts
+        return self.values
+
+
+# Per-image sizes read on the host (grids, anyres layout, crops): processors return them on the
+# CPU, but inputs moved with .to(device) bring them along; those are copied at the start.
+_HOST_SIZES = ("image_sizes", "image_grid_thw", "batch_num_images")
+_COPIES = WeakIdKeyDictionary()  # device tensor -> its _HostCopy; an entry goes with its tensor
 
 
 def _image_rows(per_row: torch.Tensor, lengths: List[int]) -> Optional[torch.Tensor]:
@@ -773,14 +787,21 @@ def _inner(model, method: str = "get_rope_index"):
 
 
 def _host_flat(values) -> List[int]:
-    return values.reshape(-1).tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
+    return _host_tensor(values).reshape(-1).tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
 
 
 def _host(values) -> List[List[int]]:
-    """Per-image sizes as host ints (processors return them on the CPU, so this reads no device)."""
+    """Per-image sizes as host ints: a CPU tensor as it is, a device one from its copy (_HostCopy)."""
     if isinstance(values, torch.Tensor):
-        return values.tolist()
+        return _host_tensor(values).tolist()
     return [list(v) for v in values]
+
+
+def _host_tensor(values: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return values  # no copies were started (_start_host_copies)
+    copy = _COPIES.get(values)
+    return copy.wait() if copy is not None else values
 
 
 def _refuse_unrebuilt(arguments: Dict[str, Any], input_ids: torch.Tensor) -> None:
