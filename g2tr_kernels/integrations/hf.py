@@ -386,8 +386,8 @@ class G2TRHandle:
         kept_rows = torch.searchsorted(per_row.cumsum(0), keep_idx.to(per_row.device), right=True)
         kept_per_row = per_row.new_zeros(per_row.numel()).scatter_add_(0, kept_rows, torch.ones_like(kept_rows))
         row_lengths = (length - per_row + kept_per_row).tolist()
-        for n in row_lengths:
-            if isinstance(n, torch.SymInt):
+        if torch.compiler.is_compiling():  # traced .tolist(): unbacked sizes under capture_scalar_outputs
+            for n in row_lengths:
                 # What tracing cannot know of an unbacked length: a row keeps K >= 1 of each
                 # image and all its other tokens, so it is never empty and never longer than before.
                 torch._check(n >= 1)
