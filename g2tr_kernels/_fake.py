@@ -2,7 +2,9 @@
 
 Output sizes come from the host-side int lists only, as in the real kernels. Each fake
 kernel runs its op's Python checker (_checks.py), so on meta and fake tensors the same
-bad input is refused as by the real kernel. _registry.py lists them per op.
+bad input is refused as by the real kernel (under torch.compile as the ValueError /
+TypeError subclasses that dynamo lets through: _checks.surfaced_under_compile).
+_registry.py lists them per op.
 """
 from __future__ import annotations
 
@@ -50,4 +52,4 @@ def register() -> None:
     from ._registry import OPS  # the registry imports this module
 
     for record in OPS:
-        torch.library.register_fake(record.qualname)(record.fake)
+        torch.library.register_fake(record.qualname)(_checks.surfaced_under_compile(record.fake))
