@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from test_errors import OPS, all_cases, bad_args, check_message
+from test_errors import all_cases, bad_args, call_api, check_message
 
 import g2tr_kernels as g2tr
 from g2tr_kernels import _checks
@@ -27,9 +27,9 @@ def first_line(error: BaseException) -> str:
 def test_compiled_api_raises_the_projects_error(op, case):
     args = bad_args(op, case)
     with pytest.raises(case.error) as eager:
-        OPS[op][2](args, "cpu")
+        call_api(op, args, "cpu")
     with pytest.raises(case.error) as info:
-        compiled(lambda: OPS[op][2](args, "cpu"))()
+        compiled(lambda: call_api(op, args, "cpu"))()
     assert not isinstance(info.value, torch._dynamo.exc.TorchDynamoException), type(info.value)
     check_message(info.value, case.fragments)
     if case.reads_data:  # raised by the kernel when the graph runs: eager's exception itself
