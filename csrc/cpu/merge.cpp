@@ -262,7 +262,7 @@ bool spread_images(const Images& im, int64_t dim) {
   int64_t largest_work = 0;
   for (int64_t b = 0; b < im.count(); ++b)
     largest_work = std::max(largest_work, (im.length(b) - im.kept(b)) * im.kept(b) * dim);
-  return im.count() > 1 && at::get_num_threads() > 1 && largest_work <= kSmallImageWork;
+  return im.count() > 1 && largest_work <= kSmallImageWork;
 }
 
 template <typename T>
