@@ -257,7 +257,7 @@ def test_apply_remove_and_refusals():
         apply_g2tr(model, vae, keep_ratio=0.0)
 
     class UnknownVLM(torch.nn.Module):
-        config = type("Config", (), {"model_type": "qwen3_5", "image_token_id": IMG})()
+        config = type("Config", (), {"model_type": "my_unknown_vlm", "image_token_id": IMG})()
 
         def get_image_features(self, pixel_values):
             return pixel_values
@@ -265,7 +265,7 @@ def test_apply_remove_and_refusals():
         def forward(self, input_ids=None, pixel_values=None, mm_encoder_outputs=None):
             return input_ids
 
-    with pytest.raises(NotImplementedError, match="qwen3_5 is not supported.*no row.*rebuild_padded"):
+    with pytest.raises(NotImplementedError, match="my_unknown_vlm is not supported.*no row.*rebuild_padded"):
         apply_g2tr(UnknownVLM(), vae)
 
 

@@ -122,14 +122,17 @@ QWEN_VISION = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_siz
                    window_size=16)
 
 
-def _qwen_case(config_cls, model_cls, vision=QWEN_VISION, text=()):
+QWEN_TOKENS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=BOI, vision_end_token_id=EOI)
+
+
+def _qwen_case(config_cls, model_cls, vision=QWEN_VISION, text=(), tokens=QWEN_TOKENS, mrope_section=(2, 3, 3)):
     # 4 px patches, 2 x 2 merge: a 32 x 32 image -> 8 x 8 patches -> 4 x 4 tokens, 32 x 48 -> 4 x 6
+    # (text entries override TEXT; tokens: the config's special-token arguments, GLM names them differently)
     torch.manual_seed(0)
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=list(mrope_section))
     config = config_cls(
-        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         bos_token_id=1, eos_token_id=2, **dict(text), **TEXT),
-        vision_config=vision,
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=BOI, vision_end_token_id=EOI,
+        text_config=dict(rope_parameters=rope, bos_token_id=1, eos_token_id=2, **{**TEXT, **dict(text)}),
+        vision_config=vision, **tokens,
     )
     model = model_cls(config).eval()
     thw = [(1, 8, 8), (1, 8, 12), (1, 8, 8)]
@@ -546,24 +549,6 @@ def test_a_per_token_input_the_row_does_not_rebuild_is_an_error():
 
 
 # -- refused families ---------------------------------------------------------------------
-def _qwen3_5():
-    # an M-RoPE model without a row
-    return transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(
-        text_config=dict(head_dim=16, layer_types=["full_attention"], **TEXT),
-        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
-                           patch_size=4, deepstack_visual_indexes=[]),
-        image_token_id=IMG,
-    ))
-
-
-def _glm4v():
-    return transformers.Glm4vForConditionalGeneration(transformers.Glm4vConfig(
-        text_config=dict(**TEXT), image_token_id=IMG,
-        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
-                           patch_size=4),
-    ))
-
-
 def _llava_pixtral():
     # a LLaVA row, but a Pixtral tower (non-square images) the row does not describe
     return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
@@ -574,8 +559,6 @@ def _llava_pixtral():
 
 
 REFUSED = {
-    "qwen3_5": (_qwen3_5, "no row in the support table"),
-    "glm4v": (_glm4v, "no row in the support table"),
     "llava": (_llava_pixtral, "vision tower 'pixtral'"),
 }
 

@@ -19,7 +19,7 @@ What happens on a call that carries pixel_values (the prefill):
   4. input_ids, attention_mask, position_ids, labels and the family's other per-token inputs
      (token_type_ids, mm_token_type_ids) are taken at the kept positions (g2tr_kernels.layout):
      every run of N image-context tokens becomes K; tokens that are not image-context tokens
-     (row breaks, image start / end markers) are all kept. M-RoPE models (Qwen2-VL family)
+     (row breaks, image start / end markers) are all kept. M-RoPE models (Qwen2-VL, Qwen3.5, GLM-4V)
      get their 3-D position ids from their own get_rope_index on the unreduced prompt, taken
      at the kept positions, and rope_deltas that continue the sequence while decoding;
   5. the unmodified model runs on the shorter prompt with the reduced features passed as
@@ -104,6 +104,15 @@ class _Parts:
     fixed: Optional[torch.Tensor] = None  # rows kept as they are (image_newline tokens)
     fixed_per_image: Optional[List[int]] = None
     groups: Optional[List[int]] = None  # images in each entry of the model's features (Idefics3: per prompt)
+
+
+@dataclass
+class _CachedTurn:
+    """A generate() prefill with images after cached turns: what the cache already holds."""
+
+    image_grid_thw: Any  # every image of the conversation (get_rope_index walks them all)
+    keep: torch.Tensor  # stand-in kept image tokens of the cached images (their ids are all the image token)
+    tokens: int  # image tokens of the cached images in input_ids
 
 
 @dataclass
@@ -226,9 +235,17 @@ class G2TRHandle:
         position_ids = arguments.pop("position_ids", None)
         labels = arguments.pop("labels", None)
         mrope = "get_rope_index" in family.handles
+        if family.videos_use_image_token and arguments.get("pixel_values_videos") is not None:
+            raise NotImplementedError(
+                f"g2tr.hf: {family.model_type}: images and videos in one call are not reduced (its video frames are "
+                "image-token placeholders); pass them in separate calls (videos alone run unreduced)"
+            )
         cache = arguments.get("past_key_values")
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
+        turn = None
+        if mrope and past and for_generate:
+            pixel_values, turn = self._cached_turn(input_ids, pixel_values, arguments, past)
         vision_kwargs = {k: arguments[k] for k in family.vision_kwargs if arguments.get(k) is not None}
         encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         features, lengths, as_tensor = _pack(encoded.pooler_output)
@@ -259,6 +276,10 @@ class G2TRHandle:
             kept_per_image = [parts.fixed_per_image[i] for i in range(len(lengths))]
             for k, i in zip(kept, parts.image):
                 kept_per_image[i] += k
+        image_tokens = features.shape[0]
+        if turn is not None:  # the layout covers the whole conversation, the cached images too
+            keep_idx = torch.cat([turn.keep.to(keep_idx.device), keep_idx + turn.tokens])
+            image_tokens += turn.tokens
         if parts.groups is not None:
             starts = [0]
             for g in parts.groups:
@@ -270,20 +291,24 @@ class G2TRHandle:
             # A prefill after cached turns: the mask also covers the cache, which is not rebuilt.
             past_mask = attention_mask[:, : -input_ids.shape[-1]]
             attention_mask = attention_mask[:, -input_ids.shape[-1] :]
-        if mrope and (past or past_mask is not None):
+        if mrope and (past or past_mask is not None) and turn is None:
+            # Its ids are get_rope_index over the whole conversation, whose earlier turns the cache
+            # holds reduced; transformers' own generate cannot run this case from pixel_values
+            # either, so there is no plain result to be exact against.
             raise NotImplementedError(
-                f"g2tr.hf: {family.model_type}: a prefill with images after cached turns is not reduced (its M-RoPE "
-                "ids continue the cache); run the images in the first turn"
+                f"g2tr.hf: {family.model_type}: a forward with images after cached turns is not reduced (its M-RoPE "
+                "ids continue the whole conversation, which forward does not get); call generate with the whole "
+                "conversation and past_key_values (README, 'Hugging Face VLMs')"
             )
         rope_positions = rope_deltas = None
         if mrope and position_ids is None:
-            rope_positions, rope_deltas = self._rope_index(input_ids, attention_mask, arguments)
-        row_lengths, padding_side = self._host_layout(input_ids, keep_idx, features.shape[0], attention_mask,
-                                                      padding_side)
+            rope_positions, rope_deltas = self._rope_index(
+                input_ids, attention_mask, arguments if turn is None else dict(arguments, image_grid_thw=turn.image_grid_thw))
+        row_lengths, padding_side = self._host_layout(input_ids, keep_idx, image_tokens, attention_mask, padding_side)
         layout = rebuild_padded(
             input_ids, keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
             labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
-            image_tokens=features.shape[0], row_lengths=row_lengths,
+            image_tokens=image_tokens, row_lengths=row_lengths,
         )
         self.last = Reduction(out, grids, anchor_grids, layout, part_lengths, kept)
 
@@ -299,6 +324,8 @@ class G2TRHandle:
         if past_mask is not None:
             new_mask = torch.cat([past_mask, new_mask.to(past_mask.dtype)], dim=-1)
         result = {"input_ids": layout.input_ids, "attention_mask": new_mask}
+        if turn is not None:
+            result["image_grid_thw"] = turn.image_grid_thw
         mm = {"image": encoded}
         if arguments.get("pixel_values_videos") is not None:
             if family.grids != "grid_thw":
@@ -460,6 +487,92 @@ class G2TRHandle:
             return grids
         raise AssertionError(kind)
 
+    def _continue_reduced_cache(self, input_ids, kwargs) -> Optional[torch.Tensor]:
+        """A later turn without images on a cache that holds a reduced conversation: the caller's
+        input_ids (the conversation as generate returned it, unreduced) shortened by the columns
+        the cache never held, so generate feeds exactly the new tokens. None: nothing to shorten."""
+        cache = kwargs.get("past_key_values")
+        if not hasattr(cache, "_g2tr_dropped") or cache._g2tr_dropped == 0:
+            return None
+        dropped, past = cache._g2tr_dropped, cache.get_seq_length()
+        if dropped is None:
+            raise NotImplementedError("g2tr.hf: a cache filled by a reduced batch of prompts is not continued (its "
+                                      "rows dropped different numbers of tokens); one conversation at a time")
+        length = input_ids.shape[-1]
+        if input_ids.shape[0] != 1 or length <= past + dropped:
+            raise ValueError(f"g2tr.hf: past_key_values holds {past} columns of a conversation reduced by {dropped}; "
+                             f"input_ids {list(input_ids.shape)} do not continue it")
+        keep = torch.cat([torch.arange(past), torch.arange(past + dropped, length)]).to(input_ids.device)
+        for name in ("attention_mask",) + _TOKEN_TYPES:
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[-1] == length:
+                kwargs[name] = value[..., keep]
+        return input_ids[..., keep]
+
+    def _cached_turn(self, input_ids, pixel_values, arguments, past: int):
+        """generate() on a conversation whose first `past` columns the cache holds, reduced by an
+        earlier call (a second turn with new images). input_ids, image_grid_thw, mm_token_type_ids
+        (and pixel_values, or only the new images' rows) cover the whole conversation as the
+        processor returns it; the VAE sources cover the new images only.
+
+        Returns the new images' pixel_values (image_grid_thw in `arguments` becomes theirs) and
+        the cached part: each cached image keeps the first K of its N placeholders (all are the
+        image token, so which K does not change the reduced ids; the cache has the real ones).
+        Reads input_ids back once (get_rope_index reads the token types back anyway).
+        """
+        name = self.family.model_type
+        if input_ids.shape[0] != 1:
+            raise NotImplementedError(f"g2tr.hf: {name}: images after cached turns are reduced for one conversation "
+                                      f"at a time, got a batch of {input_ids.shape[0]}")
+        if arguments.get("pixel_values_videos") is not None or arguments.get("video_grid_thw") is not None:
+            raise NotImplementedError(f"g2tr.hf: {name}: videos in a conversation with cached turns are not reduced")
+        if arguments.get("image_grid_thw") is None:
+            raise ValueError(f"g2tr.hf: {name} needs image_grid_thw (every image of the conversation)")
+        thw = _host(arguments["image_grid_thw"])
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        tokens = [int(t) * int(h) * int(w) // merge**2 for t, h, w in thw]
+        kept = ops.budgets(tokens, self.keep_ratio, self.min_keep)
+        image_of, within = [], []  # per image token, as masked_scatter fills them
+        for i, n in enumerate(tokens):
+            image_of += [i] * n
+            within += range(n)
+        dropped = getattr(arguments["past_key_values"], "_g2tr_dropped", None)
+        if dropped is None:
+            raise ValueError(f"g2tr.hf: {name}: past_key_values was not filled by this handle's generate (one "
+                             "conversation), so where it ends in the unreduced conversation is unknown")
+        # The cache ends before the (past + 1)-th column the reduced conversation keeps.
+        count, end, end_column, seen = 0, None, 0, 0
+        for column, token in enumerate(input_ids[0].tolist()):
+            is_image = token == self.image_token_id
+            if is_image and seen >= len(image_of):
+                raise ValueError(f"g2tr.hf: {name}: more image tokens than image_grid_thw describes")
+            if not is_image or within[seen] < kept[image_of[seen]]:
+                if count == past:
+                    end, end_column = seen, column
+                    break
+                count += 1
+            seen += is_image
+        if end is None:
+            raise ValueError(f"g2tr.hf: {name}: the cache ({past} columns) covers the whole prompt")
+        if end_column - past != dropped:
+            raise ValueError(f"g2tr.hf: {name}: past_key_values holds a conversation reduced by {dropped} tokens, "
+                             f"these input_ids reduce the part it would hold by {end_column - past}")
+        cached = image_of[end] if end < len(image_of) else len(tokens)
+        if end < len(image_of) and within[end] != 0:
+            raise ValueError(f"g2tr.hf: {name}: the cache ({past} columns) ends inside image {cached}; it was not "
+                             "filled by this handle's reduction of the earlier turns")
+        rows = [int(t) * int(h) * int(w) for t, h, w in thw]
+        if pixel_values.shape[0] == sum(rows):
+            pixel_values = pixel_values[sum(rows[:cached]):]
+        elif pixel_values.shape[0] != sum(rows[cached:]):
+            raise ValueError(f"g2tr.hf: {name}: pixel_values has {pixel_values.shape[0]} rows; the conversation's "
+                             f"images have {sum(rows)}, the ones after the cache {sum(rows[cached:])}")
+        all_thw = arguments["image_grid_thw"]
+        arguments["image_grid_thw"] = all_thw[cached:]
+        keep = [torch.arange(sum(tokens[:i]), sum(tokens[:i]) + kept[i]) for i in range(cached)]
+        return pixel_values, _CachedTurn(all_thw, torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long),
+                                         sum(tokens[:cached]))
+
     def _rope_index(self, input_ids, attention_mask, arguments):
         """The model's own 3-D M-RoPE ids [3, B, L] and rope_deltas [B, 1] for the UNREDUCED prompt."""
         mm_token_type_ids = arguments.get("mm_token_type_ids")
@@ -566,8 +679,14 @@ class G2TRHandle:
             input_ids = kwargs.pop("input_ids", None)
             if input_ids is None:
                 input_ids = kwargs.pop("inputs", None)
-        if kwargs.get("pixel_values") is None or input_ids is None:
-            return original(*args, **kwargs) if input_ids is None else original(input_ids, *args, **kwargs)
+        if input_ids is None:
+            return original(*args, **kwargs)
+        if kwargs.get("pixel_values") is None:
+            shortened = self._continue_reduced_cache(input_ids, kwargs)
+            if shortened is None:
+                return original(input_ids, *args, **kwargs)
+            out = original(shortened, *args, **kwargs)
+            return _restore_prompt(out, input_ids, shortened.shape[-1])
         kwargs["input_ids"] = input_ids
         # Batched generation appends on the right, so new padding goes on the left.
         reduced = self._prepare(kwargs, sources, "left", for_generate=True)
@@ -575,6 +694,12 @@ class G2TRHandle:
         kwargs.update(reduced)
         # generate's first parameter takes the ids, so positional arguments after it still line up.
         out = original(reduced_ids, *args, **kwargs)
+        # How many columns the cache is short of the conversation the caller sees (None: a batch,
+        # whose rows differ): a later turn on this cache is shortened by it (_cached_turn,
+        # _continue_reduced_cache) instead of being read at the wrong columns.
+        for cache in (kwargs.get("past_key_values"), getattr(out, "past_key_values", None)):
+            if cache is not None and self.restore_prompt:
+                cache._g2tr_dropped = input_ids.shape[-1] - reduced_ids.shape[-1] if input_ids.shape[0] == 1 else None
         if not self.restore_prompt:
             return out
         return _restore_prompt(out, input_ids, reduced_ids.shape[-1])

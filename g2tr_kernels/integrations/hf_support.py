@@ -26,6 +26,8 @@ IMAGE_SIZES = "non-square grid per image from image_sizes; row-break tokens kept
 MROPE = "grid per image from image_grid_thw; 3-D M-RoPE ids"
 ANYRES = "anyres: base tile + unpadded grid with image_newline tokens"
 PER_PROMPT = "per-prompt grouping of square tiles"
+MROPE_UNCHECKED = "3-D M-RoPE ids; feature layout not checked"
+_MROPE_AUDIO = "grid per image from image_grid_thw; M-RoPE ids with audio"
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,27 @@ class Family:
     vision_towers: Optional[Tuple[str, ...]] = None  # accepted vision_config.model_type, None: the family's own
     refused: Optional[str] = None  # why the family is not reduced in one call yet
     notes: str = ""
+    # GLM-4V: video frames are placeholders of the IMAGE token (mm_token_type_ids tells them
+    # apart), so the image-token runs of a call with videos are not the images' runs.
+    videos_use_image_token: bool = False
 
 
 _BASE = ("attention_mask", "position_ids", "labels")
 _LLAVA_KW = ("vision_feature_layer", "vision_feature_select_strategy")
+_MROPE_HANDLES = {"get_rope_index", "mm_token_type_ids", "image_grid_thw", "videos"}
+_GLM_NOTES = ("as qwen2_vl; its video frames are image-token placeholders, so images and videos in one call are "
+              "refused (videos alone run unreduced)")
+_UNVERIFIED = ("it computes M-RoPE ids (get_rope_index / rope_deltas) and has not been checked against the "
+               "reduction yet")
+
+
+def _mrope_row(model_type, notes, handles=_MROPE_HANDLES, **kw) -> "Family":
+    return _row(model_type, MROPE, "grid_thw", rebuilt=("mm_token_type_ids",), handles=handles,
+                vision_kwargs=("image_grid_thw",), notes=notes, **kw)
+
+
+def _refused_row(model_type, layout, why) -> "Family":
+    return _row(model_type, layout, None, refused=why)
 
 
 def _row(model_type, layout, grids, rebuilt=(), handles=(), **kw) -> Family:
@@ -95,6 +114,28 @@ FAMILIES: Dict[str, Family] = {
         _row("qwen3_vl_moe", MROPE, "grid_thw", rebuilt=("mm_token_type_ids", "deepstack features"),
              handles={"get_rope_index", "mm_token_type_ids", "image_grid_thw", "videos", "deepstack"},
              vision_kwargs=("image_grid_thw",), notes="as qwen3_vl"),
+        # Every other transformers 5.23 family whose model computes M-RoPE ids: served where the
+        # model's own get_rope_index on the unreduced prompt, taken at the kept columns, was
+        # checked against the prompt reduced by hand (tests/test_hf_mrope.py), refused otherwise.
+        _mrope_row("glm4v", "GLM-4.1V; " + _GLM_NOTES, videos_use_image_token=True),
+        _mrope_row("glm4v_moe", "GLM-4.5V; as glm4v", videos_use_image_token=True),
+        _mrope_row("glm46v", "GLM-4.6V; as glm4v", videos_use_image_token=True),
+        _mrope_row("glm_ocr", "as glm4v", videos_use_image_token=True),
+        _mrope_row("qwen3_5", "Qwen3.5; as qwen2_vl (its linear-attention layers see the shortened prompt too)"),
+        _mrope_row("qwen3_5_moe", "as qwen3_5"),
+        _refused_row("hunyuan_vl", "grid per image with an image_newline token per row; 3-D M-RoPE ids",
+                     "its vision merger appends an image_newline token to every feature row, so an image's features "
+                     "are no plain grid"),
+        _refused_row("qwen2_5_omni_thinker", _MROPE_AUDIO, "its M-RoPE ids interleave audio (use_audio_in_video) "
+                     "and its forward takes audio inputs G2TR does not rebuild"),
+        _refused_row("qwen3_omni_moe_thinker", _MROPE_AUDIO, "as qwen2_5_omni_thinker"),
+        _refused_row("minicpmv4_7", "image slices from target_sizes", "its images are slices described by "
+                     "target_sizes / downsample_mode, not one image_grid_thw grid"),
+        _refused_row("glm_image", "generated VQ image tokens", "an image-generation model: its image tokens are VQ "
+                                                               "codes per images_per_sample, not vision-tower features"),
+        *(_refused_row(name, MROPE_UNCHECKED, _UNVERIFIED) for name in (
+            "ernie4_5_vl_moe", "paddleocr_vl", "hyperclovax_vision_v2", "exaone4_5", "cohere_compass",
+            "cosmos3_edge", "cosmos3_omni", "qwen4_exp")),
     )
 }
 
