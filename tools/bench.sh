@@ -33,7 +33,7 @@ pytest_benchmark() {  # only the result tables of the pytest-benchmark reduce su
   {
     echo "# pytest benchmarks/bench_reduce.py --g2tr-workloads S1,M1,M2 --benchmark-columns=min,median,max"
     echo "# CPU: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p') ($(grep -m1 '^cpu family' /proc/cpuinfo | sed 's/.*: //')/$(grep -m1 '^model[[:space:]]*:' /proc/cpuinfo | sed 's/.*: //') family/model), load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-    sed -n '/^-* benchmark /,/^=/p' build/pytest-benchmark.log | grep -v '^='
+    sed -n '/^-* benchmark /,/^Legend:/p' build/pytest-benchmark.log | grep -v '^Legend:'
   } > "$OUT/pytest-benchmark-reduce.txt"
 }
 mkdir -p build "$OUT/fp32"
