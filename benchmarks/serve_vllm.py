@@ -48,36 +48,20 @@ def cpu_name() -> str:
 def build(folder: str, args) -> tuple:
     import torch
     from diffusers import AutoencoderKL
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "vllm"))
     import tiny_models as tm
 
-    model_dir, vae_dir = os.path.join(folder, "llava"), os.path.join(folder, "vae")
-    os.makedirs(model_dir)
-    tok = tm._tokenizer(model_dir, ["<image>"], "<image>")
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=args.vision_layers,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=args.width, intermediate_size=args.width * 11 // 4, num_hidden_layers=args.layers,
-                       num_attention_heads=args.width // 128, num_key_value_heads=args.width // 128,
-                       vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
-    config.architectures = ["LlavaForConditionalGeneration"]
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(model_dir)
-    tm._fix_vision_prefix(model_dir, "vision_tower.", "vision_tower.vision_model.")
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336},
-                                                      crop_size={"height": 336, "width": 336}),
-                   tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                   chat_template=tok.chat_template, num_additional_image_tokens=1).save_pretrained(model_dir)
+    # tests/vllm's LLaVA layout at realistic widths, bf16, the random init as it is.
+    model_dir = tm.build_llava(
+        os.path.join(folder, "llava"), image_size=336, patch_size=14, widen=False, dtype=torch.bfloat16,
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=args.vision_layers,
+                    num_attention_heads=16, projection_dim=768),
+        text=dict(hidden_size=args.width, intermediate_size=args.width * 11 // 4, num_hidden_layers=args.layers,
+                  num_attention_heads=args.width // 128, num_key_value_heads=args.width // 128,
+                  max_position_embeddings=2048),
+    )
+    vae_dir = os.path.join(folder, "vae")
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128),
                   latent_channels=16, layers_per_block=1, norm_num_groups=32).save_pretrained(vae_dir)

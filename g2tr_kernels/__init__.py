@@ -6,20 +6,10 @@
 
 The ops are torch.ops.g2tr.{reduce, anchor_scores, balanced_topk, merge}.
 """
-from . import reference
+from . import ops, reference
 from ._native import build_info
-from .ops import ReduceOutput, anchor_scores, balanced_topk, budgets, merge, reduce, reduce_padded
+from .ops import *  # noqa: F403  (the public functions: ops.__all__)
 from .version import __version__
 
-__all__ = [
-    "ReduceOutput",
-    "__version__",
-    "anchor_scores",
-    "balanced_topk",
-    "budgets",
-    "build_info",
-    "merge",
-    "reduce",
-    "reduce_padded",
-    "reference",
-]
+__all__ = ["__version__", "build_info", "reference"]
+__all__ += ops.__all__

@@ -1,4 +1,4 @@
-"""Loads g2tr_kernels._C, which registers torch.ops.g2tr, and registers the fake kernels.
+"""Loads g2tr_kernels._C, which registers torch.ops.g2tr, then the records' fake kernels and gradients.
 
 A failed load does not break `import g2tr_kernels`: the reference backend still works,
 and asking for a native backend raises with the load error (no silent fallback).
@@ -17,10 +17,9 @@ except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR = error
 
 if _C is not None:
-    from . import _autograd, _fake  # noqa: E402
+    from . import _registry  # noqa: E402
 
-    _fake.register()
-    _autograd.register()
+    _registry.register()
 
 
 def loaded() -> bool:

@@ -21,6 +21,9 @@ from . import _checks, _native
 from ._registry import BACKENDS, BY_NAME
 from .reference.budget import budget
 
+# What `import g2tr_kernels` exports (g2tr_kernels/__init__.py takes this list as it is).
+__all__ = ["ReduceOutput", "anchor_scores", "balanced_topk", "budgets", "merge", "reduce", "reduce_padded"]
+
 
 class ReduceOutput(NamedTuple):
     merged: torch.Tensor  # [K_total, D], input dtype

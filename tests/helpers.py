@@ -1,4 +1,6 @@
-"""Shared test utilities: workloads, a literal SPEC.md selection, the parametrisations.
+"""Shared test utilities: workloads, a literal SPEC.md selection, the parametrisations, and
+the form of each op's sample and bad inputs (declared in tests/test_<op>.py, read by
+test_library.py and test_errors.py through op_records()).
 
 The tolerance table and the tie-aware comparisons with the reference (assert_*_matches,
 with a report of where and by how much) are g2tr_kernels.testing, which benchmarks/ and
@@ -6,13 +8,15 @@ with a report of where and by how much) are g2tr_kernels.testing, which benchmar
 """
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import pytest
 import torch
 
 from g2tr_kernels import _native
+from g2tr_kernels._registry import NAMES
 from g2tr_kernels.testing import (  # noqa: F401  (re-exported for the test files)
     MERGED_TOL,
     SCORE_ATOL,
@@ -33,6 +37,7 @@ from g2tr_kernels.testing import (  # noqa: F401  (re-exported for the test file
     offsets,
 )
 
+SELECT_MAX_TOKENS = 8192  # kSelectMaxTokens in csrc/cuda/kernels/balanced_topk.cuh: the CUDA selection's capacity
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -211,3 +216,46 @@ def tiny_vae():
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=4, sample_size=32,
     ).eval()
+
+
+# ---------------------------------------------------------------------------- per-op inputs
+
+# Every op's test file, tests/test_<op>.py, declares next to its tests:
+#   opcheck_samples()  valid schema arguments (tuples) for torch.library.opcheck (test_library.py);
+#   valid_args()       a dict of valid arguments, keyed by the API's names in schema order, that
+#                      each bad-input case edits (test_errors.py calls the API with it as keywords
+#                      and torch.ops.g2tr.<op> with its values in order);
+#   ERROR_CASES        the bad-input cases, run through every backend, the raw op and the fake kernel.
+
+
+class Case(NamedTuple):
+    id: str
+    changes: Callable[[Dict], None]  # edits the valid arguments in place
+    error: Type[Exception]
+    fragments: Sequence[str]  # every one must appear in the message
+    ops_error: Optional[Type[Exception]] = None  # when torch.ops raises something else
+    ops_fragments: Optional[Sequence[str]] = None
+    python_only: bool = False  # argument forms that only the Python API accepts
+    reads_data: bool = False  # the check needs the values: no fake/meta kernel can make it
+
+
+def setter(**values):
+    def change(args):
+        args.update(values)
+
+    return change
+
+
+def tensor_setter(name, fn):
+    def change(args):
+        args[name] = fn(args[name])
+
+    return change
+
+
+DTYPE_WORDS = ["float32, float16 or bfloat16"]
+
+
+def op_records() -> Dict[str, object]:
+    """{op: its test module}, for every op of the registry (tests/ is on sys.path)."""
+    return {name: importlib.import_module(f"test_{name}") for name in NAMES}

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import test_reduce
 import torch
 
 import g2tr_kernels as g2tr
@@ -157,3 +158,40 @@ def test_strided_d_is_copied(backend, device):
     ref_scores, ref_cells = reference.anchor_scores(tokens, anchors[:, ::2], grids, anchor_grids)
     assert_close_report("scores", scores.cpu(), ref_scores, atol=1e-5, rtol=0)
     assert_bitwise_equal("cells", cells.cpu(), ref_cells)
+
+
+# ---------------------------------------------------------------------------- the device kernels
+# On a GPU kernel_device adds cuda and triton on CUDA, compared with the CPU kernel.
+
+
+@kernel_device
+@dtypes
+@pytest.mark.parametrize("dim", [64, 67, 0], ids=["d64", "d67-unvectorised", "d0"])
+def test_anchor_scores_close_to_cpu(dtype, dim, kernel, device):
+    grids, anchor_grids = [(5, 7), (16, 16)], [(2, 3), (8, 8)]
+    tokens, anchors = make_workload(grids, anchor_grids, dim, dtype, seed=dim) if dim else (
+        torch.zeros(35 + 256, 0, dtype=dtype), torch.zeros(6 + 64, 0, dtype=dtype))
+    flat_g, flat_a = [v for p in grids for v in p], [v for p in anchor_grids for v in p]
+    got_s, got_c = g2tr.anchor_scores(tokens.to(device), anchors.to(device), grids, anchor_grids, backend=kernel)
+    for oracle, (want_s, want_c) in (("CPU", torch.ops.g2tr.anchor_scores(tokens, anchors, flat_g, flat_a)),
+                                     ("reference", reference.anchor_scores(tokens, anchors, grids, anchor_grids))):
+        assert_bitwise_equal(f"cells vs {oracle}", got_c.cpu(), want_c)
+        assert_close_report(f"scores vs {oracle}", got_s.cpu(), want_s, atol=SCORE_ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------- the op's inputs
+# Read by test_library.py (opcheck) and test_errors.py (bad input through every path);
+# the form is described in helpers.py.
+
+
+def opcheck_samples():
+    return [s[:4] for s in test_reduce.opcheck_samples()]
+
+
+def valid_args() -> dict:
+    # reduce's geometry: anchor_scores shares its geometry and tensor checks; it has no ratio or weight.
+    args = test_reduce.valid_args()
+    return {k: args[k] for k in ("tokens", "anchors", "grids", "anchor_grids")}
+
+
+ERROR_CASES = [c for c in test_reduce.ERROR_CASES if not c.id.startswith(("keep-ratio", "min-keep", "merge-weight"))]

@@ -11,7 +11,17 @@ import torch
 import g2tr_kernels as g2tr
 from g2tr_kernels import reference
 
-from helpers import assert_bitwise_equal, backend_device, kernel_device, offsets, spec_selection
+from helpers import (
+    SELECT_MAX_TOKENS,
+    Case,
+    assert_bitwise_equal,
+    backend_device,
+    kernel_device,
+    offsets,
+    setter,
+    spec_selection,
+    tensor_setter,
+)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -206,3 +216,95 @@ def test_quota_window_is_ceil_of_budget_over_cells():
             g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, "window", backend=backend),
             g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas, backend=backend),
         )
+
+
+# ---------------------------------------------------------------------------- the device kernels
+# On a GPU kernel_device adds cuda and triton on CUDA: each is compared with the CPU kernel
+# bit for bit (the selection is exact given the scores), and every kernel with the reference.
+
+
+def _select_case(lengths, seed):
+    """Scores full of ties, NaN, +-0 and infinities; cells with out-of-range ids."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    scores = torch.randint(-4, 5, (n,), generator=gen).float() / 4
+    special = torch.tensor([NAN, -0.0, 0.0, INF, -INF])
+    pick = torch.rand(n, generator=gen) < 0.1
+    scores[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=gen)]
+    cells = torch.randint(-2, 40, (n,), generator=gen)
+    return scores, cells
+
+
+def _assert_equals_cpu_and_reference(kernel, device, scores, cells, *args):
+    got = g2tr.balanced_topk(scores.to(device), cells.to(device), *args, backend=kernel).cpu()
+    assert_bitwise_equal("keep_idx vs reference", got, reference.balanced_topk(scores, cells, *args))
+    assert_bitwise_equal("keep_idx vs CPU", got, torch.ops.g2tr.balanced_topk(scores, cells, *args))
+
+
+@kernel_device
+@pytest.mark.parametrize("lengths", [[1], [5, 300], [2048, 2049], [SELECT_MAX_TOKENS]], ids=str)
+@pytest.mark.parametrize("quota", [1, 3])
+def test_balanced_topk_equals_cpu_bit_for_bit(lengths, quota, kernel, device):
+    # Both CUDA block configurations (<= 2048 tokens and larger), padding, one-token images.
+    scores, cells = _select_case(lengths, seed=sum(lengths) + quota)
+    budgets = [max(1, n // 3) for n in lengths]
+    _assert_equals_cpu_and_reference(kernel, device, scores, cells, lengths, budgets, [37] * len(lengths),
+                                     [quota] * len(lengths))
+
+
+@kernel_device
+def test_balanced_topk_more_than_64_images(kernel, device):
+    # A batch over the CUDA per-launch image table (64 images) runs one launch per 64 images.
+    lengths = [3 + (b % 11) for b in range(150)]
+    scores, cells = _select_case(lengths, seed=11)
+    budgets = [max(1, n // 2) for n in lengths]
+    _assert_equals_cpu_and_reference(kernel, device, scores, cells, lengths, budgets, [5] * len(lengths),
+                                     [1] * len(lengths))
+
+
+# ---------------------------------------------------------------------------- the op's inputs
+# Read by test_library.py (opcheck) and test_errors.py (bad input through every path);
+# the form is described in helpers.py.
+
+
+def opcheck_samples():
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(30, generator=gen)
+    cells = torch.randint(-1, 5, (30,), generator=gen)
+    return [
+        (scores, cells, [10, 20], [3, 7], [4, 5], [1, 1]),
+        (scores, cells, [10, 20], [3, 7], [4, 5], [2, 3]),
+        (scores, torch.full((30,), -1), [30], [9], [1], [1]),
+        (torch.empty(0), torch.empty(0, dtype=torch.int64), [], [], [], []),
+    ]
+
+
+def valid_args() -> dict:
+    gen = torch.Generator().manual_seed(1)
+    return dict(scores=torch.randn(10, generator=gen), cells=torch.randint(0, 2, (10,), generator=gen),
+                lengths=[4, 6], budgets=[2, 3], cell_counts=[2, 2], quota=[1, 1])
+
+
+ERROR_CASES = [
+    Case("budget-above-length", setter(budgets=[5, 3]), ValueError, ["budgets[0]", "image 0", "[1, 4]"]),
+    Case("budget-zero", setter(budgets=[2, 0]), ValueError, ["budgets[1]", "image 1"]),
+    Case("budgets-count", setter(budgets=[2]), ValueError, ["budgets", "1", "2 images"]),
+    Case("cell-counts-zero", setter(cell_counts=[2, 0]), ValueError, ["cell_counts[1]", "image 1"]),
+    Case("cell-counts-negative", setter(cell_counts=[-1, 2]), ValueError, ["cell_counts[0]", "image 0"]),
+    Case("cell-counts-count", setter(cell_counts=[2, 2, 2]), ValueError, ["cell_counts", "3", "2 images"]),
+    Case("quota-zero", setter(quota=[0, 1]), ValueError, ["cell_quotas[0]", "image 0"]),
+    Case("quota-negative", setter(quota=[1, -2]), ValueError, ["cell_quotas[1]", "image 1"]),
+    Case("quota-count", setter(quota=[1]), ValueError, ["cell_quotas", "2 images"]),
+    Case("lengths-do-not-sum", setter(lengths=[4, 5]), ValueError, ["lengths sum", "9", "10"]),
+    Case("length-zero", setter(lengths=[10, 0], budgets=[2, 1]), ValueError, ["lengths[1]", "image 1"]),
+    Case("lengths-tensor", setter(lengths=torch.tensor([4, 6])), TypeError, ["lengths", "tensor"],
+         ops_error=RuntimeError, ops_fragments=["lengths"]),
+    Case("scores-fp16", tensor_setter("scores", lambda t: t.half()), TypeError, ["scores", "float32"]),
+    Case("scores-2d", tensor_setter("scores", lambda t: t[None]), TypeError, ["scores", "1-D"]),
+    Case("scores-int", tensor_setter("scores", lambda t: t.int()), TypeError, ["scores"]),
+    Case("cells-int32", tensor_setter("cells", lambda t: t.int()), TypeError, ["cells", "int64"]),
+    Case("cells-float", tensor_setter("cells", lambda t: t.float()), TypeError, ["cells", "int64"]),
+    Case("cells-2d", tensor_setter("cells", lambda t: t[None]), TypeError, ["cells", "1-D"]),
+    Case("cells-length", tensor_setter("cells", lambda t: t[:9]), ValueError, ["cells", "9"]),
+    Case("mixed-devices", tensor_setter("cells", lambda t: t.to("meta")), ValueError, ["scores", "cells", "meta"]),
+]

@@ -1,11 +1,11 @@
-"""The CUDA kernels of torch.ops.g2tr (csrc/cuda): against the CPU kernels and the reference on
-the edge cases, the op contract on CUDA (opcheck, torch.compile, CUDA graphs, streams, a second
-device), and what must hold for bad input (a clear error before any launch, or, for an invalid
-keep_idx, no out-of-bounds access).
+"""What is specific to the CUDA C++ kernels of torch.ops.g2tr (csrc/cuda) and to running on a
+GPU: registration of the CUDA key, the limits and no-sync behaviour of the CUDA kernels on bad
+input (a clear error before any launch, or, for an invalid keep_idx, no out-of-bounds access),
+the op contract on CUDA (opcheck, torch.compile), CUDA graphs, streams and a second device.
 
-Scores and merge similarities are fp32 sums taken in another order than on the CPU, so where two
-candidates sit within rounding of each other the helpers accept either (see helpers.py); the
-selection itself is exact given the scores, so balanced_topk is compared bit for bit.
+The op tests themselves (every kernel against the reference and the CPU kernel) are in
+tests/test_<op>.py over the backend fixtures of helpers.py, which add cuda and triton on CUDA
+where a GPU is.
 
 Everything here needs a GPU and a build with the CUDA kernels, except the dispatch-table test.
 """
@@ -19,23 +19,17 @@ from g2tr_kernels import _native
 from g2tr_kernels._registry import NAMES
 
 from helpers import (
-    DTYPE_IDS,
-    DTYPES,
+    SELECT_MAX_TOKENS,
     WORKLOADS,
-    assert_bitwise_equal,
-    assert_close_report,
-    assert_merge_matches,
     assert_outputs_bitwise_equal,
     assert_reduce_matches,
     lengths_of,
-    make_ternary_workload,
     make_workload,
     offsets,
     spec_budget,
 )
 
 OPS = NAMES
-SELECT_MAX_TOKENS = 8192  # kSelectMaxTokens in csrc/cuda/kernels/balanced_topk.cuh
 
 
 def _cuda_build() -> bool:
@@ -51,7 +45,6 @@ def _why_no_cuda():
 
 
 needs_cuda = pytest.mark.skipif(_why_no_cuda() is not None, reason=str(_why_no_cuda()))
-dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 
 
 def reduce_op(tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=32, merge_weight=1.0):
@@ -74,159 +67,6 @@ def test_every_op_has_a_cuda_kernel():
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"g2tr::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"g2tr::{op}", "CPU"), op
-
-
-# ------------------------------------------------------------------ against the reference and the CPU
-
-
-@needs_cuda
-@dtypes
-@pytest.mark.parametrize("workload", ["S1", "M2"])
-def test_reduce_matches_reference_and_cpu(workload, dtype):
-    grids, anchor_grids, d = WORKLOADS[workload]
-    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=7)
-    out = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids)
-    assert out.merged.device.type == "cuda"
-    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name=f"{workload} cuda")
-    # The selection of the CUDA scores equals the CPU kernel's selection of the same scores.
-    lengths = lengths_of(grids)
-    budgets = [spec_budget(n, 0.5, 32) for n in lengths]
-    cells = torch.ops.g2tr.anchor_scores(tokens, anchors, [v for p in grids for v in p],
-                                         [v for p in anchor_grids for v in p])[1]
-    cpu_keep = torch.ops.g2tr.balanced_topk(out.scores.cpu(), cells, lengths, budgets,
-                                            [h * w for h, w in anchor_grids], [1] * len(lengths))
-    assert_bitwise_equal("keep_idx vs CPU selection of the CUDA scores", out.keep_idx.cpu(), cpu_keep)
-
-
-@needs_cuda
-@dtypes
-@pytest.mark.parametrize("workload", ["S1", "M2"])
-def test_exact_ties_equal_cpu_bit_for_bit(workload, dtype):
-    # Ternary rows: every score, similarity and sum is exact in any order, so the tie rules
-    # (lower index everywhere) and the merged means must agree with the CPU exactly.
-    grids, anchor_grids, _ = WORKLOADS[workload]
-    tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, dtype, seed=5)
-    for merge_weight in (1.0, 0.3):
-        got = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids, merge_weight=merge_weight)
-        want = reduce_op(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
-        assert_outputs_bitwise_equal(f"{workload} weight {merge_weight}", to_cpu(got), want)
-
-
-def _select_case(lengths, seed):
-    """Scores full of ties, NaN, +-0 and infinities; cells with out-of-range ids."""
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    scores = torch.randint(-4, 5, (n,), generator=gen).float() / 4
-    special = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), float("-inf")])
-    pick = torch.rand(n, generator=gen) < 0.1
-    scores[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=gen)]
-    cells = torch.randint(-2, 40, (n,), generator=gen)
-    return scores, cells
-
-
-@needs_cuda
-@pytest.mark.parametrize("lengths", [[1], [5, 300], [2048, 2049], [SELECT_MAX_TOKENS]], ids=str)
-@pytest.mark.parametrize("quota", [1, 3])
-def test_balanced_topk_equals_cpu_bit_for_bit(lengths, quota):
-    # Both block configurations (<= 2048 tokens and larger), padding, one-token images.
-    scores, cells = _select_case(lengths, seed=sum(lengths) + quota)
-    budgets = [max(1, n // 3) for n in lengths]
-    cell_counts = [37] * len(lengths)
-    quotas = [quota] * len(lengths)
-    want = torch.ops.g2tr.balanced_topk(scores, cells, lengths, budgets, cell_counts, quotas)
-    got = torch.ops.g2tr.balanced_topk(scores.cuda(), cells.cuda(), lengths, budgets, cell_counts, quotas)
-    assert_bitwise_equal("keep_idx", got.cpu(), want)
-
-
-@needs_cuda
-def test_balanced_topk_more_than_64_images():
-    # A batch over the per-launch image table (64 images) runs one launch per 64 images.
-    lengths = [3 + (b % 11) for b in range(150)]
-    scores, cells = _select_case(lengths, seed=11)
-    budgets = [max(1, n // 2) for n in lengths]
-    args = (lengths, budgets, [5] * len(lengths), [1] * len(lengths))
-    want = torch.ops.g2tr.balanced_topk(scores, cells, *args)
-    got = torch.ops.g2tr.balanced_topk(scores.cuda(), cells.cuda(), *args)
-    assert_bitwise_equal("keep_idx", got.cpu(), want)
-
-
-@needs_cuda
-@dtypes
-@pytest.mark.parametrize("dim", [64, 67, 0], ids=["d64", "d67-unvectorised", "d0"])
-def test_anchor_scores_close_to_cpu(dtype, dim):
-    grids, anchor_grids = [(5, 7), (16, 16)], [(2, 3), (8, 8)]
-    tokens, anchors = make_workload(grids, anchor_grids, dim, dtype, seed=dim) if dim else (
-        torch.zeros(35 + 256, 0, dtype=dtype), torch.zeros(6 + 64, 0, dtype=dtype))
-    flat_g, flat_a = [v for p in grids for v in p], [v for p in anchor_grids for v in p]
-    want_s, want_c = torch.ops.g2tr.anchor_scores(tokens, anchors, flat_g, flat_a)
-    got_s, got_c = torch.ops.g2tr.anchor_scores(tokens.cuda(), anchors.cuda(), flat_g, flat_a)
-    assert_bitwise_equal("cells", got_c.cpu(), want_c)
-    assert_close_report("scores", got_s.cpu(), want_s, atol=3e-5, rtol=0)
-
-
-@needs_cuda
-@dtypes
-def test_misaligned_and_strided_inputs(dtype):
-    # A storage offset of one element breaks 16-byte alignment (the element-wise paths run);
-    # a column slice is not contiguous (the op copies it).
-    grids, anchor_grids, d = [(9, 9)], [(4, 4)], 64
-    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=3)
-    flat = torch.empty(tokens.numel() + 1, dtype=dtype, device="cuda")
-    flat[1:].copy_(tokens.reshape(-1).cuda())
-    misaligned = flat[1:].view(tokens.shape)
-    wide = torch.zeros(tokens.shape[0], d + 3, dtype=dtype, device="cuda")
-    wide[:, 1 : d + 1] = tokens.cuda()
-    strided = wide[:, 1 : d + 1]
-    want = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids)
-    for name, t in (("misaligned", misaligned), ("strided", strided)):
-        got = reduce_op(t, anchors.cuda(), grids, anchor_grids)
-        assert_outputs_bitwise_equal(name, to_cpu(got), to_cpu(want))
-
-
-@needs_cuda
-@dtypes
-@pytest.mark.parametrize("case", ["keep_all", "keep_one", "many_images", "odd_dim"])
-def test_merge_edge_cases_against_cpu(dtype, case):
-    gen = torch.Generator().manual_seed(1)
-    if case == "many_images":  # over one launch's 64 images, mixed sizes
-        lengths = [1 + (b * 7) % 23 for b in range(70)]
-    else:
-        lengths = [40, 1, 300]
-    d = 67 if case == "odd_dim" else 32
-    tokens = torch.randn(sum(lengths), d, generator=gen).to(dtype)
-    keep, budgets = [], []
-    for b, n in enumerate(lengths):
-        k = n if case == "keep_all" else (1 if case == "keep_one" else max(1, n // 3))
-        local = torch.randperm(n, generator=gen)[:k].sort().values
-        keep.append(local + sum(lengths[:b]))
-        budgets.append(k)
-    keep_idx = torch.cat(keep)
-    want = torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, 1.0)
-    merged, assign = torch.ops.g2tr.merge(tokens.cuda(), keep_idx.cuda(), lengths, budgets, 1.0)
-    assert_merge_matches(case, tokens, keep_idx, merged.cpu(), assign.cpu(), lengths, budgets, 1.0, expected=want)
-
-
-@needs_cuda
-def test_non_finite_tokens_match_cpu():
-    # NaN scores rank last, a NaN similarity never wins, an all-NaN row joins the first kept row.
-    grids, anchor_grids, d = [(8, 8), (6, 5)], [(4, 4), (3, 3)], 32
-    tokens, anchors = make_workload(grids, anchor_grids, d, torch.float32, seed=9)
-    tokens[3] = float("nan")
-    tokens[17, 5] = float("inf")
-    tokens[70] = 0.0
-    anchors[2] = float("nan")
-    got = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids)
-    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, name="non-finite")
-
-
-@needs_cuda
-def test_reduce_empty_batch_and_tiny_images():
-    empty = reduce_op(torch.zeros(0, 8, device="cuda"), torch.zeros(0, 8, device="cuda"), [], [])
-    assert empty.merged.shape == (0, 8) and empty.cu_seqlens.tolist() == [0]
-    grids, anchor_grids = [(1, 1), (1, 2), (3, 1)], [(1, 1), (2, 2), (1, 1)]
-    tokens, anchors = make_workload(grids, anchor_grids, 8, torch.bfloat16, seed=2)
-    got = reduce_op(tokens.cuda(), anchors.cuda(), grids, anchor_grids, keep_ratio=0.5, min_keep=1)
-    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, 0.5, 1, name="tiny images")
 
 
 # ------------------------------------------------------------------ bad input
@@ -377,15 +217,6 @@ def test_runs_on_the_current_stream():
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert_outputs_bitwise_equal("side stream", to_cpu(g2tr.ReduceOutput(*got)), to_cpu(g2tr.ReduceOutput(*want)))
-
-
-@needs_cuda
-def test_deterministic_across_runs():
-    grids, anchor_grids, d = WORKLOADS["M2"]
-    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=12, device="cuda")
-    first = to_cpu(reduce_op(tokens, anchors, grids, anchor_grids))
-    for _ in range(3):
-        assert_outputs_bitwise_equal("rerun", to_cpu(reduce_op(tokens, anchors, grids, anchor_grids)), first)
 
 
 @needs_cuda

@@ -6,26 +6,19 @@ TypeError (TORCH_CHECK_TYPE); the fake (meta) kernels must reject the same shape
 import math
 import os
 import re
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Type
+from typing import Dict, Sequence
 
 import pytest
 import torch
 
 import g2tr_kernels as g2tr
 
-PY_BACKENDS = ["reference", "cpu", "triton"]  # triton: under the interpreter (conftest.py)
+from helpers import BACKEND_DEVICES, op_records
+
+# Every backend that runs on CPU tensors (helpers.BACKEND_DEVICES): reference, cpu, triton
+# (under the interpreter, conftest.py).
+PY_BACKENDS = [p.values[0] for p in BACKEND_DEVICES if p.values[1] == "cpu"]
 NAN, INF = float("nan"), float("inf")
-
-
-class Case(NamedTuple):
-    id: str
-    changes: Callable[[Dict], None]  # edits the valid arguments in place
-    error: Type[Exception]
-    fragments: Sequence[str]  # every one must appear in the message
-    ops_error: Optional[Type[Exception]] = None  # when torch.ops raises something else
-    ops_fragments: Optional[Sequence[str]] = None
-    python_only: bool = False  # argument forms that only the Python API accepts
-    reads_data: bool = False  # the check needs the values: no fake/meta kernel can make it
 
 
 def check_message(error: BaseException, fragments: Sequence[str]) -> None:
@@ -34,216 +27,40 @@ def check_message(error: BaseException, fragments: Sequence[str]) -> None:
     assert not missing, f"message lacks {missing}: {message!r}"
 
 
-def ids(cases):
-    return [c.id for c in cases]
+# ---------------------------------------------------------------------------- the cases
+
+# Each op's valid arguments and bad-input cases live with its tests (tests/test_<op>.py:
+# valid_args, ERROR_CASES); the form is helpers.Case.
+OPS = op_records()
 
 
-def setter(**values):
-    def change(args):
-        args.update(values)
-
-    return change
+def call_api(op, args, backend):
+    return getattr(g2tr, op)(**args, backend=backend)
 
 
-def tensor_setter(name, fn):
-    def change(args):
-        args[name] = fn(args[name])
-
-    return change
+def call_op(op, args):
+    # The valid arguments are keyed by the API's names in the schema's order.
+    return getattr(torch.ops.g2tr, op)(*args.values())
 
 
-# ---------------------------------------------------------------------------- reduce
-
-# Two images: 2x4 tokens over 1x2 anchors, 3x2 tokens over 2x1 anchors (N = 14, M = 4).
 def reduce_args() -> Dict:
-    gen = torch.Generator().manual_seed(0)
-    return dict(
-        tokens=torch.randn(14, 8, generator=gen), anchors=torch.randn(4, 8, generator=gen),
-        grids=[2, 4, 3, 2], anchor_grids=[1, 2, 2, 1], keep_ratio=0.5, min_keep=1, merge_weight=1.0,
-    )
+    return OPS["reduce"].valid_args()
 
-
-DTYPE_WORDS = ["float32, float16 or bfloat16"]
-REDUCE_CASES = [
-    Case("tokens-1d", tensor_setter("tokens", lambda t: t.reshape(-1)), ValueError, ["tokens", "2-D"]),
-    Case("tokens-3d", tensor_setter("tokens", lambda t: t[None]), ValueError, ["tokens", "2-D"]),
-    Case("anchors-1d", tensor_setter("anchors", lambda t: t.reshape(-1)), ValueError, ["anchors", "2-D"]),
-    Case("anchors-3d", tensor_setter("anchors", lambda t: t.reshape(2, 2, 8)), ValueError, ["anchors", "2-D"]),
-    Case("mismatched-d", tensor_setter("anchors", lambda t: t[:, :6]), ValueError, ["anchors", "D = 6", "D = 8"]),
-    Case("n-not-sum-hw", tensor_setter("tokens", lambda t: torch.cat([t, t[:1]])), ValueError,
-         ["tokens", "N = 15", "14"]),
-    Case("m-not-sum-hw", tensor_setter("anchors", lambda t: t[:3]), ValueError, ["anchors", "M = 3", "4"]),
-    Case("grid-zero", setter(grids=[2, 4, 0, 2]), ValueError, ["grids of image 1", "positive"]),
-    Case("grid-negative", setter(grids=[-2, 4, 3, 2]), ValueError, ["grids of image 0", "positive"]),
-    Case("anchor-grid-zero", setter(anchor_grids=[1, 2, 2, 0]), ValueError, ["anchor_grids of image 1", "positive"]),
-    Case("anchor-grid-negative", setter(anchor_grids=[1, -2, 2, 1]), ValueError, ["anchor_grids of image 0"]),
-    Case("grids-odd-length", setter(grids=[2, 4, 3]), ValueError, ["grids", "pair"]),
-    Case("anchor-grids-odd-length", setter(anchor_grids=[1, 2, 2]), ValueError, ["anchor_grids", "pair"]),
-    Case("image-counts-differ", setter(anchor_grids=[2, 2]), ValueError, ["anchor_grids", "1", "grids", "2"]),
-    Case("grids-tensor", setter(grids=torch.tensor([2, 4, 3, 2])), TypeError, ["grids", "tensor"],
-         ops_error=RuntimeError, ops_fragments=["grids"]),
-    Case("anchor-grids-tensor", setter(anchor_grids=torch.tensor([1, 2, 2, 1])), TypeError, ["anchor_grids", "tensor"],
-         ops_error=RuntimeError, ops_fragments=["anchor_grids"]),
-    Case("grid-pair-of-three", setter(grids=[(2, 4, 1), (3, 2)]), ValueError, ["grids of image 0", "pair"],
-         python_only=True),
-    Case("keep-ratio-zero", setter(keep_ratio=0.0), ValueError, ["keep_ratio", "(0, 1]"]),
-    Case("keep-ratio-above-one", setter(keep_ratio=1.5), ValueError, ["keep_ratio"]),
-    Case("keep-ratio-negative", setter(keep_ratio=-0.5), ValueError, ["keep_ratio"]),
-    Case("keep-ratio-nan", setter(keep_ratio=NAN), ValueError, ["keep_ratio"]),
-    Case("keep-ratio-inf", setter(keep_ratio=INF), ValueError, ["keep_ratio"]),
-    Case("min-keep-zero", setter(min_keep=0), ValueError, ["min_keep", ">= 1"]),
-    Case("min-keep-negative", setter(min_keep=-3), ValueError, ["min_keep"]),
-    Case("merge-weight-zero", setter(merge_weight=0.0), ValueError, ["merge_weight"]),
-    Case("merge-weight-negative", setter(merge_weight=-1.0), ValueError, ["merge_weight"]),
-    Case("merge-weight-inf", setter(merge_weight=INF), ValueError, ["merge_weight"]),
-    Case("merge-weight-nan", setter(merge_weight=NAN), ValueError, ["merge_weight"]),
-    Case("mixed-devices", tensor_setter("anchors", lambda t: t.to("meta")), ValueError, ["tokens", "anchors", "meta"]),
-    Case("int-tokens", lambda a: a.update(tokens=a["tokens"].int(), anchors=a["anchors"].int()), TypeError,
-         ["tokens"] + DTYPE_WORDS),
-    Case("int64-tokens", lambda a: a.update(tokens=a["tokens"].long(), anchors=a["anchors"].long()), TypeError,
-         ["tokens"] + DTYPE_WORDS),
-    Case("bool-tokens", lambda a: a.update(tokens=a["tokens"] > 0, anchors=a["anchors"] > 0), TypeError, ["tokens"]),
-    Case("complex-tokens", lambda a: a.update(tokens=a["tokens"].to(torch.complex64),
-                                              anchors=a["anchors"].to(torch.complex64)), TypeError,
-         ["tokens"] + DTYPE_WORDS),
-    Case("int-anchors", tensor_setter("anchors", lambda t: t.int()), TypeError, ["anchors"] + DTYPE_WORDS),
-    Case("anchors-dtype-differs", tensor_setter("anchors", lambda t: t.bfloat16()), TypeError,
-         ["anchors dtype", "tokens dtype"]),
-]
-
-
-def call_reduce_api(args, backend):
-    return g2tr.reduce(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"], args["keep_ratio"],
-                       args["min_keep"], args["merge_weight"], backend=backend)
-
-
-def call_reduce_op(args):
-    return torch.ops.g2tr.reduce(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"],
-                                 args["keep_ratio"], args["min_keep"], args["merge_weight"])
-
-
-# ---------------------------------------------------------------------------- anchor_scores
-
-# anchor_scores shares reduce's geometry and tensor checks; it has no ratio or weight.
-SCORE_CASES = [c for c in REDUCE_CASES if not c.id.startswith(("keep-ratio", "min-keep", "merge-weight"))]
-
-
-def call_scores_api(args, backend):
-    return g2tr.anchor_scores(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"], backend=backend)
-
-
-def call_scores_op(args):
-    return torch.ops.g2tr.anchor_scores(args["tokens"], args["anchors"], args["grids"], args["anchor_grids"])
-
-
-# ---------------------------------------------------------------------------- balanced_topk
 
 def topk_args() -> Dict:
-    gen = torch.Generator().manual_seed(1)
-    return dict(scores=torch.randn(10, generator=gen), cells=torch.randint(0, 2, (10,), generator=gen),
-                lengths=[4, 6], budgets=[2, 3], cell_counts=[2, 2], quota=[1, 1])
-
-
-TOPK_CASES = [
-    Case("budget-above-length", setter(budgets=[5, 3]), ValueError, ["budgets[0]", "image 0", "[1, 4]"]),
-    Case("budget-zero", setter(budgets=[2, 0]), ValueError, ["budgets[1]", "image 1"]),
-    Case("budgets-count", setter(budgets=[2]), ValueError, ["budgets", "1", "2 images"]),
-    Case("cell-counts-zero", setter(cell_counts=[2, 0]), ValueError, ["cell_counts[1]", "image 1"]),
-    Case("cell-counts-negative", setter(cell_counts=[-1, 2]), ValueError, ["cell_counts[0]", "image 0"]),
-    Case("cell-counts-count", setter(cell_counts=[2, 2, 2]), ValueError, ["cell_counts", "3", "2 images"]),
-    Case("quota-zero", setter(quota=[0, 1]), ValueError, ["cell_quotas[0]", "image 0"]),
-    Case("quota-negative", setter(quota=[1, -2]), ValueError, ["cell_quotas[1]", "image 1"]),
-    Case("quota-count", setter(quota=[1]), ValueError, ["cell_quotas", "2 images"]),
-    Case("lengths-do-not-sum", setter(lengths=[4, 5]), ValueError, ["lengths sum", "9", "10"]),
-    Case("length-zero", setter(lengths=[10, 0], budgets=[2, 1]), ValueError, ["lengths[1]", "image 1"]),
-    Case("lengths-tensor", setter(lengths=torch.tensor([4, 6])), TypeError, ["lengths", "tensor"],
-         ops_error=RuntimeError, ops_fragments=["lengths"]),
-    Case("scores-fp16", tensor_setter("scores", lambda t: t.half()), TypeError, ["scores", "float32"]),
-    Case("scores-2d", tensor_setter("scores", lambda t: t[None]), TypeError, ["scores", "1-D"]),
-    Case("scores-int", tensor_setter("scores", lambda t: t.int()), TypeError, ["scores"]),
-    Case("cells-int32", tensor_setter("cells", lambda t: t.int()), TypeError, ["cells", "int64"]),
-    Case("cells-float", tensor_setter("cells", lambda t: t.float()), TypeError, ["cells", "int64"]),
-    Case("cells-2d", tensor_setter("cells", lambda t: t[None]), TypeError, ["cells", "1-D"]),
-    Case("cells-length", tensor_setter("cells", lambda t: t[:9]), ValueError, ["cells", "9"]),
-    Case("mixed-devices", tensor_setter("cells", lambda t: t.to("meta")), ValueError, ["scores", "cells", "meta"]),
-]
-
-
-def call_topk_api(args, backend):
-    return g2tr.balanced_topk(args["scores"], args["cells"], args["lengths"], args["budgets"], args["cell_counts"],
-                              args["quota"], backend=backend)
-
-
-def call_topk_op(args):
-    return torch.ops.g2tr.balanced_topk(args["scores"], args["cells"], args["lengths"], args["budgets"],
-                                        args["cell_counts"], args["quota"])
-
-
-# ---------------------------------------------------------------------------- merge
-
-def merge_args() -> Dict:
-    gen = torch.Generator().manual_seed(2)
-    return dict(tokens=torch.randn(10, 4, generator=gen), keep_idx=torch.tensor([1, 3, 4, 6, 9]), lengths=[4, 6],
-                budgets=[2, 3], merge_weight=1.0)
-
-
-def keep(values):
-    return setter(keep_idx=torch.tensor(values))
-
-
-MERGE_CASES = [
-    Case("keep-not-ascending", keep([3, 1, 4, 6, 9]), ValueError, ["keep_idx", "image 0", "ascending"],
-         reads_data=True),
-    Case("keep-repeated", keep([1, 3, 4, 6, 6]), ValueError, ["keep_idx", "image 1", "ascending"], reads_data=True),
-    Case("keep-in-next-image", keep([1, 5, 4, 6, 9]), ValueError, ["keep_idx", "image 0"], reads_data=True),
-    Case("keep-in-previous-image", keep([1, 3, 2, 6, 9]), ValueError, ["keep_idx", "image 1"], reads_data=True),
-    Case("keep-negative", keep([-1, 3, 4, 6, 9]), ValueError, ["keep_idx", "image 0"], reads_data=True),
-    Case("keep-past-the-end", keep([1, 3, 4, 6, 10]), ValueError, ["keep_idx", "image 1"], reads_data=True),
-    Case("keep-count", keep([1, 3, 4, 6]), ValueError, ["keep_idx", "4", "5"]),
-    Case("keep-int32", tensor_setter("keep_idx", lambda t: t.int()), TypeError, ["keep_idx", "int64"]),
-    Case("keep-2d", tensor_setter("keep_idx", lambda t: t[None]), TypeError, ["keep_idx", "1-D"]),
-    Case("tokens-int", tensor_setter("tokens", lambda t: t.int()), TypeError, ["tokens"] + DTYPE_WORDS),
-    Case("tokens-complex", tensor_setter("tokens", lambda t: t.to(torch.complex64)), TypeError, ["tokens"]),
-    Case("tokens-1d", tensor_setter("tokens", lambda t: t.reshape(-1)), ValueError, ["tokens", "2-D"]),
-    Case("merge-weight-zero", setter(merge_weight=0.0), ValueError, ["merge_weight"]),
-    Case("merge-weight-negative", setter(merge_weight=-2.0), ValueError, ["merge_weight"]),
-    Case("merge-weight-inf", setter(merge_weight=INF), ValueError, ["merge_weight"]),
-    Case("budget-above-length", setter(budgets=[5, 3]), ValueError, ["budgets[0]", "image 0"]),
-    Case("budget-zero", setter(budgets=[0, 3]), ValueError, ["budgets[0]", "image 0"]),
-    Case("lengths-do-not-sum", setter(lengths=[4, 7]), ValueError, ["lengths sum", "11", "10"]),
-    Case("length-negative", setter(lengths=[-4, 14]), ValueError, ["lengths[0]", "image 0"]),
-    Case("mixed-devices", tensor_setter("keep_idx", lambda t: t.to("meta")), ValueError,
-         ["tokens", "keep_idx", "meta"]),
-]
-
-
-def call_merge_api(args, backend):
-    return g2tr.merge(args["tokens"], args["keep_idx"], args["lengths"], args["budgets"], args["merge_weight"],
-                      backend=backend)
-
-
-def call_merge_op(args):
-    return torch.ops.g2tr.merge(args["tokens"], args["keep_idx"], args["lengths"], args["budgets"],
-                                args["merge_weight"])
+    return OPS["balanced_topk"].valid_args()
 
 
 # ---------------------------------------------------------------------------- the tests
 
-OPS = {
-    "reduce": (reduce_args, REDUCE_CASES, call_reduce_api, call_reduce_op),
-    "anchor_scores": (reduce_args, SCORE_CASES, call_scores_api, call_scores_op),
-    "balanced_topk": (topk_args, TOPK_CASES, call_topk_api, call_topk_op),
-    "merge": (merge_args, MERGE_CASES, call_merge_api, call_merge_op),
-}
-
 
 def all_cases(keep=lambda case: True):
-    return [pytest.param(op, case, id=f"{op}-{case.id}") for op, (_, cases, _, _) in OPS.items() for case in cases
+    return [pytest.param(op, case, id=f"{op}-{case.id}") for op, module in OPS.items() for case in module.ERROR_CASES
             if keep(case)]
 
 
 def bad_args(op, case):
-    args = OPS[op][0]()
+    args = OPS[op].valid_args()
     case.changes(args)
     return args
 
@@ -251,22 +68,22 @@ def bad_args(op, case):
 @pytest.mark.parametrize("op", list(OPS))
 def test_valid_arguments_pass(op):
     # The base arguments every case edits must themselves be fine, or a case proves nothing.
-    make, _, api, call_op = OPS[op]
+    make = OPS[op].valid_args
     for backend in PY_BACKENDS:
-        api(make(), backend)
-    call_op(make())
+        call_api(op, make(), backend)
+    call_op(op, make())
 
 
 def api_cases():
     # Every backend, the Triton one included, reads keep_idx's values and rejects a bad one.
     return [pytest.param(op, case, backend, id=f"{op}-{case.id}-{backend}") for backend in PY_BACKENDS
-            for op, (_, cases, _, _) in OPS.items() for case in cases]
+            for op, module in OPS.items() for case in module.ERROR_CASES]
 
 
 @pytest.mark.parametrize("op,case,backend", api_cases())
 def test_python_api(op, case, backend):
     with pytest.raises(case.error) as info:
-        OPS[op][2](bad_args(op, case), backend)
+        call_api(op, bad_args(op, case), backend)
     check_message(info.value, case.fragments)
 
 
@@ -278,7 +95,7 @@ def test_torch_ops(op, case):
     if op == "balanced_topk":
         args["quota"] = list(args["quota"])
     with pytest.raises(case.ops_error or case.error) as info:
-        OPS[op][3](args)
+        call_op(op, args)
     check_message(info.value, case.ops_fragments or case.fragments)
 
 
@@ -297,7 +114,7 @@ def test_meta_kernels_reject_the_same_input(op, case):
     if op == "balanced_topk":
         args["quota"] = list(args["quota"])
     with pytest.raises(case.ops_error or case.error) as info:
-        OPS[op][3](args)
+        call_op(op, args)
     check_message(info.value, case.ops_fragments or case.fragments)
 
 
@@ -305,16 +122,13 @@ def test_meta_kernels_reject_the_same_input(op, case):
 def test_cpu_kernel_rejects_mixed_devices(op):
     # Through the dispatcher a meta tensor routes the call to the fake kernel, so the C++
     # device check is reached by redispatching to the CPU key.
-    make, cases, _, _ = OPS[op]
-    case = next(c for c in cases if c.id == "mixed-devices")
+    case = next(c for c in OPS[op].ERROR_CASES if c.id == "mixed-devices")
     args = bad_args(op, case)
     if op == "balanced_topk":
         args["quota"] = list(args["quota"])
     overload = getattr(torch.ops.g2tr, op).default
-    names = [a.name for a in overload._schema.arguments]
-    values = [args["quota" if n == "cell_quotas" else n] for n in names]
     with pytest.raises(ValueError) as info:
-        overload.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *values)
+        overload.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args.values())
     check_message(info.value, case.fragments)
 
 
@@ -324,19 +138,19 @@ def test_cpu_kernel_rejects_mixed_devices(op):
 def test_unknown_backend():
     args = reduce_args()
     with pytest.raises(ValueError, match="backend"):
-        call_reduce_api(args, "tpu")
+        call_api("reduce", args, "tpu")
 
 
 def test_cuda_backend_on_cpu_tensors():
     # No silent fallback: asking for CUDA kernels with CPU tensors is an error.
     with pytest.raises((ValueError, RuntimeError), match="cuda"):
-        call_reduce_api(reduce_args(), "cuda")
+        call_api("reduce", reduce_args(), "cuda")
 
 
 def test_auto_backend_on_meta_tensors_points_to_reference():
     args = _to_meta(reduce_args())
     with pytest.raises(ValueError, match="reference"):
-        call_reduce_api(args, "auto")
+        call_api("reduce", args, "auto")
 
 
 @pytest.mark.parametrize("backend", PY_BACKENDS)
@@ -353,7 +167,7 @@ def test_quota_window_with_bad_counts(backend):
     args = topk_args()
     args.update(cell_counts=[2, 0], quota="window")
     with pytest.raises(ValueError, match=re.escape("cell_counts[1] (image 1)")):
-        call_topk_api(args, backend)
+        call_api("balanced_topk", args, backend)
 
 
 @pytest.mark.parametrize("backend", PY_BACKENDS)

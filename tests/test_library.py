@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import g2tr_kernels as g2tr
 from g2tr_kernels._registry import BY_NAME, NAMES
 
-from helpers import assert_outputs_bitwise_equal, make_workload
+from helpers import assert_outputs_bitwise_equal, make_workload, op_records
 
 OPS = list(NAMES)
 BACKENDS = g2tr.build_info()["backends"]
@@ -20,56 +20,21 @@ BACKENDS = g2tr.build_info()["backends"]
 # ---------------------------------------------------------------------------- opcheck
 
 
-def _reduce_samples():
-    out = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        grids, anchor_grids = [(6, 5), (4, 4), (1, 1)], [(3, 2), (2, 2), (1, 1)]
-        tokens, anchors = make_workload(grids, anchor_grids, 12, dtype, seed=1)
-        flat_g = [v for p in grids for v in p]
-        flat_a = [v for p in anchor_grids for v in p]
-        out.append((tokens, anchors, flat_g, flat_a, 0.5, 4, 1.0))
-        out.append((tokens, anchors, flat_g, flat_a, 0.25, 1, 3.0))
-        out.append((tokens, anchors, flat_g, flat_a, 1.0, 1, 0.5))
-    empty = torch.empty(0, 12)
-    out.append((empty, empty, [], [], 0.5, 32, 1.0))
-    return out
-
-
-def _samples(op):
-    gen = torch.Generator().manual_seed(2)
-    if op == "reduce":
-        return _reduce_samples()
-    if op == "anchor_scores":
-        return [s[:4] for s in _reduce_samples()]
-    if op == "balanced_topk":
-        scores = torch.randn(30, generator=gen)
-        cells = torch.randint(-1, 5, (30,), generator=gen)
-        return [
-            (scores, cells, [10, 20], [3, 7], [4, 5], [1, 1]),
-            (scores, cells, [10, 20], [3, 7], [4, 5], [2, 3]),
-            (scores, torch.full((30,), -1), [30], [9], [1], [1]),
-            (torch.empty(0), torch.empty(0, dtype=torch.int64), [], [], [], []),
-        ]
-    tokens = torch.randn(30, 8, generator=gen)
-    keep = torch.tensor([0, 4, 9, 10, 15, 16, 29])
-    return [
-        (tokens, keep, [10, 20], [3, 4], 1.0),
-        (tokens.bfloat16(), keep, [10, 20], [3, 4], 2.5),
-        (tokens.half(), torch.arange(30), [30], [30], 1.0),
-    ]
+# Each op's samples live with its tests: tests/test_<op>.py opcheck_samples().
+RECORDS = op_records()
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
     overload = getattr(torch.ops.g2tr, op).default
-    for args in _samples(op):
+    for args in RECORDS[op].opcheck_samples():
         results = torch.library.opcheck(overload, args)
         assert all(v == "SUCCESS" for v in results.values()), results
 
 
 def test_fake_sizes_match_real_sizes():
     # Output sizes come from the int lists alone: a fake run must predict every shape.
-    for args in _reduce_samples():
+    for args in RECORDS["reduce"].opcheck_samples():
         real = torch.ops.g2tr.reduce(*args)
         with FakeTensorMode() as mode:
             fake = torch.ops.g2tr.reduce(mode.from_tensor(args[0]), mode.from_tensor(args[1]), *args[2:])
@@ -102,11 +67,11 @@ def test_dispatch_table_has_one_owner_per_key(op):
     sites = _dispatch_sites(op)
     # CPU is the C++ kernel of the op's own file, never a Python kernel that replaced it.
     assert re.search(rf"csrc/cpu/{op}\.cpp:\d+$", sites.get("CPU", "")), f"{name} CPU kernel: {sites.get('CPU')}"
-    # Meta is the Python fake kernel, registered once, from g2tr_kernels/_fake.py.
+    # Meta is the Python fake kernel of the op's record, registered once, from g2tr_kernels/_registry.py.
     assert "Meta" in sites, f"{name}: no Meta kernel"
     entry = torch._library.simple_registry.singleton.find(name)
     assert len(entry.fake_impl.kernels) == 1, f"{name}: {len(entry.fake_impl.kernels)} fake kernels"
-    assert "g2tr_kernels/_fake.py" in entry.fake_impl.kernel.source.replace(os.sep, "/")
+    assert "g2tr_kernels/_registry.py" in entry.fake_impl.kernel.source.replace(os.sep, "/")
     # CUDA exactly when this build compiled it, from csrc/cuda/<op>.cu.
     if "cuda" in BACKENDS:
         assert re.search(rf"csrc/cuda/{op}\.cu:\d+$", sites.get("CUDA", "")), f"{name} CUDA: {sites.get('CUDA')}"

@@ -8,7 +8,9 @@ from g2tr_kernels import reference
 from g2tr_kernels.reference.budget import budget
 
 from helpers import (
+    DTYPE_WORDS,
     MERGED_TOL,
+    Case,
     assert_bitwise_equal,
     assert_close_report,
     assert_merge_matches,
@@ -19,9 +21,11 @@ from helpers import (
     make_ternary_workload,
     merge_from_assign,
     offsets,
+    setter,
+    tensor_setter,
 )
 
-NAN = float("nan")
+NAN, INF = float("nan"), float("inf")
 
 
 def run(backend, device, rows, keep, lengths, budgets, merge_weight=1.0, dtype=torch.float32):
@@ -233,3 +237,83 @@ def test_ternary_ties_and_nan_bitwise(backend, device):
     ref_merged, ref_assign = reference.merge(tokens, keep, lengths, budgets, 2.0)
     assert_bitwise_equal("assign", assign.cpu(), ref_assign)
     assert_bitwise_equal("merged", merged.cpu(), ref_merged)
+
+
+# ---------------------------------------------------------------------------- the device kernels
+# On a GPU kernel_device adds cuda and triton on CUDA: their oracle is the CPU kernel's
+# result (tie-aware, see helpers.py); the CPU kernel's own oracle is the reference.
+
+
+@kernel_device
+@dtypes
+@pytest.mark.parametrize("case", ["keep_all", "keep_one", "many_images", "odd_dim"])
+def test_merge_edge_cases_against_cpu(dtype, case, kernel, device):
+    gen = torch.Generator().manual_seed(1)
+    if case == "many_images":  # over one CUDA launch's 64 images, mixed sizes
+        lengths = [1 + (b * 7) % 23 for b in range(70)]
+    else:
+        lengths = [40, 1, 300]
+    d = 67 if case == "odd_dim" else 32
+    tokens = torch.randn(sum(lengths), d, generator=gen).to(dtype)
+    keep, budgets = [], []
+    for b, n in enumerate(lengths):
+        k = n if case == "keep_all" else (1 if case == "keep_one" else max(1, n // 3))
+        local = torch.randperm(n, generator=gen)[:k].sort().values
+        keep.append(local + sum(lengths[:b]))
+        budgets.append(k)
+    keep_idx = torch.cat(keep)
+    want = None if kernel == "cpu" else torch.ops.g2tr.merge(tokens, keep_idx, lengths, budgets, 1.0)
+    merged, assign = g2tr.merge(tokens.to(device), keep_idx.to(device), lengths, budgets, 1.0, backend=kernel)
+    assert_merge_matches(case, tokens, keep_idx, merged.cpu(), assign.cpu(), lengths, budgets, 1.0, expected=want)
+
+
+# ---------------------------------------------------------------------------- the op's inputs
+# Read by test_library.py (opcheck) and test_errors.py (bad input through every path);
+# the form is described in helpers.py.
+
+
+def opcheck_samples():
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(30, 8, generator=gen)
+    keep = torch.tensor([0, 4, 9, 10, 15, 16, 29])
+    return [
+        (tokens, keep, [10, 20], [3, 4], 1.0),
+        (tokens.bfloat16(), keep, [10, 20], [3, 4], 2.5),
+        (tokens.half(), torch.arange(30), [30], [30], 1.0),
+    ]
+
+
+def valid_args() -> dict:
+    gen = torch.Generator().manual_seed(2)
+    return dict(tokens=torch.randn(10, 4, generator=gen), keep_idx=torch.tensor([1, 3, 4, 6, 9]), lengths=[4, 6],
+                budgets=[2, 3], merge_weight=1.0)
+
+
+def keep(values):
+    return setter(keep_idx=torch.tensor(values))
+
+
+ERROR_CASES = [
+    Case("keep-not-ascending", keep([3, 1, 4, 6, 9]), ValueError, ["keep_idx", "image 0", "ascending"],
+         reads_data=True),
+    Case("keep-repeated", keep([1, 3, 4, 6, 6]), ValueError, ["keep_idx", "image 1", "ascending"], reads_data=True),
+    Case("keep-in-next-image", keep([1, 5, 4, 6, 9]), ValueError, ["keep_idx", "image 0"], reads_data=True),
+    Case("keep-in-previous-image", keep([1, 3, 2, 6, 9]), ValueError, ["keep_idx", "image 1"], reads_data=True),
+    Case("keep-negative", keep([-1, 3, 4, 6, 9]), ValueError, ["keep_idx", "image 0"], reads_data=True),
+    Case("keep-past-the-end", keep([1, 3, 4, 6, 10]), ValueError, ["keep_idx", "image 1"], reads_data=True),
+    Case("keep-count", keep([1, 3, 4, 6]), ValueError, ["keep_idx", "4", "5"]),
+    Case("keep-int32", tensor_setter("keep_idx", lambda t: t.int()), TypeError, ["keep_idx", "int64"]),
+    Case("keep-2d", tensor_setter("keep_idx", lambda t: t[None]), TypeError, ["keep_idx", "1-D"]),
+    Case("tokens-int", tensor_setter("tokens", lambda t: t.int()), TypeError, ["tokens"] + DTYPE_WORDS),
+    Case("tokens-complex", tensor_setter("tokens", lambda t: t.to(torch.complex64)), TypeError, ["tokens"]),
+    Case("tokens-1d", tensor_setter("tokens", lambda t: t.reshape(-1)), ValueError, ["tokens", "2-D"]),
+    Case("merge-weight-zero", setter(merge_weight=0.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-negative", setter(merge_weight=-2.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-inf", setter(merge_weight=INF), ValueError, ["merge_weight"]),
+    Case("budget-above-length", setter(budgets=[5, 3]), ValueError, ["budgets[0]", "image 0"]),
+    Case("budget-zero", setter(budgets=[0, 3]), ValueError, ["budgets[0]", "image 0"]),
+    Case("lengths-do-not-sum", setter(lengths=[4, 7]), ValueError, ["lengths sum", "11", "10"]),
+    Case("length-negative", setter(lengths=[-4, 14]), ValueError, ["lengths[0]", "image 0"]),
+    Case("mixed-devices", tensor_setter("keep_idx", lambda t: t.to("meta")), ValueError,
+         ["tokens", "keep_idx", "meta"]),
+]

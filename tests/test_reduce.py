@@ -10,8 +10,10 @@ from g2tr_kernels import reference
 
 from helpers import (
     DTYPE_IDS,
+    DTYPE_WORDS,
     DTYPES,
     WORKLOADS,
+    Case,
     assert_bitwise_equal,
     assert_close_report,
     assert_outputs_bitwise_equal,
@@ -23,10 +25,14 @@ from helpers import (
     lengths_of,
     make_ternary_workload,
     make_workload,
+    setter,
     spec_budget,
     spec_cells,
     spec_selection,
+    tensor_setter,
 )
+
+NAN, INF = float("nan"), float("inf")
 
 
 def t(rows, dtype=torch.float32, device="cpu"):
@@ -550,3 +556,175 @@ def test_strided_half_tokens_with_nan(backend, device):
     tokens[7] = float("nan")  # ranks last, merges into the first kept token
     out = g2tr.reduce(tokens, anchors[:, 1::2], grids, anchor_grids, 0.5, 4, backend=backend)
     assert_reduce_matches(out, tokens, anchors[:, 1::2], grids, anchor_grids, 0.5, 4, name=f"{backend} non-contiguous")
+
+
+# ---------------------------------------------------------------------------- the device kernels
+# On a GPU kernel_device adds cuda and triton on CUDA: each is compared with the reference
+# (tie-aware) and, where the result is exact, with the CPU kernel bit for bit.
+
+
+def _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids, **kwargs):
+    return g2tr.ReduceOutput(*(t.cpu() for t in g2tr.reduce(tokens.to(device), anchors.to(device), grids,
+                                                            anchor_grids, backend=kernel, **kwargs)))
+
+
+@kernel_device
+@dtypes
+@pytest.mark.parametrize("workload", ["S1", "M2"])
+def test_reduce_matches_reference_and_cpu(workload, dtype, kernel, device):
+    grids, anchor_grids, d = WORKLOADS[workload]
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=7)
+    out = g2tr.reduce(tokens.to(device), anchors.to(device), grids, anchor_grids, backend=kernel)
+    assert out.merged.device.type == device
+    assert_reduce_matches(out, tokens, anchors, grids, anchor_grids, name=f"{workload} {kernel}-{device}")
+    # The selection of the kernel's scores equals the CPU kernel's selection of the same scores.
+    lengths = lengths_of(grids)
+    budgets = [spec_budget(n, 0.5, 32) for n in lengths]
+    cells = torch.ops.g2tr.anchor_scores(tokens, anchors, [v for p in grids for v in p],
+                                         [v for p in anchor_grids for v in p])[1]
+    cpu_keep = torch.ops.g2tr.balanced_topk(out.scores.cpu(), cells, lengths, budgets,
+                                            [h * w for h, w in anchor_grids], [1] * len(lengths))
+    assert_bitwise_equal("keep_idx vs CPU selection of the kernel's scores", out.keep_idx.cpu(), cpu_keep)
+
+
+@kernel_device
+@dtypes
+@pytest.mark.parametrize("workload", ["S1", "M2"])
+def test_exact_ties_equal_cpu_bit_for_bit(workload, dtype, kernel, device):
+    # Ternary rows: every score, similarity and sum is exact in any order, so the tie rules
+    # (lower index everywhere) and the merged means must agree with the CPU and the reference exactly.
+    grids, anchor_grids, _ = WORKLOADS[workload]
+    tokens, anchors = make_ternary_workload(grids, anchor_grids, 16, dtype, seed=5)
+    for merge_weight in (1.0, 0.3):
+        got = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
+        cpu = _reduce_on("cpu", "cpu", tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
+        ref = reference.reduce(tokens, anchors, grids, anchor_grids, merge_weight=merge_weight)
+        assert_outputs_bitwise_equal(f"{workload} weight {merge_weight} vs CPU", got, cpu)
+        assert_outputs_bitwise_equal(f"{workload} weight {merge_weight} vs reference", got, g2tr.ReduceOutput(*ref))
+
+
+@kernel_device
+@dtypes
+def test_misaligned_and_strided_inputs(dtype, kernel, device):
+    # A storage offset of one element breaks 16-byte alignment (the element-wise paths run);
+    # a column slice is not contiguous (the op copies it).
+    grids, anchor_grids, d = [(9, 9)], [(4, 4)], 64
+    tokens, anchors = make_workload(grids, anchor_grids, d, dtype, seed=3)
+    flat = torch.empty(tokens.numel() + 1, dtype=dtype, device=device)
+    flat[1:].copy_(tokens.reshape(-1).to(device))
+    misaligned = flat[1:].view(tokens.shape)
+    wide = torch.zeros(tokens.shape[0], d + 3, dtype=dtype, device=device)
+    wide[:, 1 : d + 1] = tokens.to(device)
+    strided = wide[:, 1 : d + 1]
+    want = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids)
+    for name, x in (("misaligned", misaligned), ("strided", strided)):
+        assert_outputs_bitwise_equal(name, _reduce_on(kernel, device, x, anchors, grids, anchor_grids), want)
+
+
+@kernel_device
+def test_non_finite_tokens_match_cpu(kernel, device):
+    # NaN scores rank last, a NaN similarity never wins, an all-NaN row joins the first kept row.
+    grids, anchor_grids, d = [(8, 8), (6, 5)], [(4, 4), (3, 3)], 32
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.float32, seed=9)
+    tokens[3] = NAN
+    tokens[17, 5] = INF
+    tokens[70] = 0.0
+    anchors[2] = NAN
+    got = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids)
+    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, name="non-finite")
+
+
+@kernel_device
+def test_reduce_empty_batch_and_tiny_images(kernel, device):
+    empty = _reduce_on(kernel, device, torch.zeros(0, 8), torch.zeros(0, 8), [], [])
+    assert empty.merged.shape == (0, 8) and empty.cu_seqlens.tolist() == [0]
+    grids, anchor_grids = [(1, 1), (1, 2), (3, 1)], [(1, 1), (2, 2), (1, 1)]
+    tokens, anchors = make_workload(grids, anchor_grids, 8, torch.bfloat16, seed=2)
+    got = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids, keep_ratio=0.5, min_keep=1)
+    assert_reduce_matches(got, tokens, anchors, grids, anchor_grids, 0.5, 1, name="tiny images")
+
+
+@kernel_device
+def test_deterministic_across_runs(kernel, device):
+    grids, anchor_grids, d = WORKLOADS["M2"]
+    tokens, anchors = make_workload(grids, anchor_grids, d, torch.bfloat16, seed=12)
+    first = _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids)
+    for _ in range(3):
+        assert_outputs_bitwise_equal("rerun", _reduce_on(kernel, device, tokens, anchors, grids, anchor_grids), first)
+
+
+# ---------------------------------------------------------------------------- the op's inputs
+# Read by test_library.py (opcheck) and test_errors.py (bad input through every path);
+# the form is described in helpers.py.
+
+
+def opcheck_samples():
+    out = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        grids, anchor_grids = [(6, 5), (4, 4), (1, 1)], [(3, 2), (2, 2), (1, 1)]
+        tokens, anchors = make_workload(grids, anchor_grids, 12, dtype, seed=1)
+        flat_g = [v for p in grids for v in p]
+        flat_a = [v for p in anchor_grids for v in p]
+        out.append((tokens, anchors, flat_g, flat_a, 0.5, 4, 1.0))
+        out.append((tokens, anchors, flat_g, flat_a, 0.25, 1, 3.0))
+        out.append((tokens, anchors, flat_g, flat_a, 1.0, 1, 0.5))
+    empty = torch.empty(0, 12)
+    out.append((empty, empty, [], [], 0.5, 32, 1.0))
+    return out
+
+
+# Two images: 2x4 tokens over 1x2 anchors, 3x2 tokens over 2x1 anchors (N = 14, M = 4).
+def valid_args() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return dict(
+        tokens=torch.randn(14, 8, generator=gen), anchors=torch.randn(4, 8, generator=gen),
+        grids=[2, 4, 3, 2], anchor_grids=[1, 2, 2, 1], keep_ratio=0.5, min_keep=1, merge_weight=1.0,
+    )
+
+
+ERROR_CASES = [
+    Case("tokens-1d", tensor_setter("tokens", lambda t: t.reshape(-1)), ValueError, ["tokens", "2-D"]),
+    Case("tokens-3d", tensor_setter("tokens", lambda t: t[None]), ValueError, ["tokens", "2-D"]),
+    Case("anchors-1d", tensor_setter("anchors", lambda t: t.reshape(-1)), ValueError, ["anchors", "2-D"]),
+    Case("anchors-3d", tensor_setter("anchors", lambda t: t.reshape(2, 2, 8)), ValueError, ["anchors", "2-D"]),
+    Case("mismatched-d", tensor_setter("anchors", lambda t: t[:, :6]), ValueError, ["anchors", "D = 6", "D = 8"]),
+    Case("n-not-sum-hw", tensor_setter("tokens", lambda t: torch.cat([t, t[:1]])), ValueError,
+         ["tokens", "N = 15", "14"]),
+    Case("m-not-sum-hw", tensor_setter("anchors", lambda t: t[:3]), ValueError, ["anchors", "M = 3", "4"]),
+    Case("grid-zero", setter(grids=[2, 4, 0, 2]), ValueError, ["grids of image 1", "positive"]),
+    Case("grid-negative", setter(grids=[-2, 4, 3, 2]), ValueError, ["grids of image 0", "positive"]),
+    Case("anchor-grid-zero", setter(anchor_grids=[1, 2, 2, 0]), ValueError, ["anchor_grids of image 1", "positive"]),
+    Case("anchor-grid-negative", setter(anchor_grids=[1, -2, 2, 1]), ValueError, ["anchor_grids of image 0"]),
+    Case("grids-odd-length", setter(grids=[2, 4, 3]), ValueError, ["grids", "pair"]),
+    Case("anchor-grids-odd-length", setter(anchor_grids=[1, 2, 2]), ValueError, ["anchor_grids", "pair"]),
+    Case("image-counts-differ", setter(anchor_grids=[2, 2]), ValueError, ["anchor_grids", "1", "grids", "2"]),
+    Case("grids-tensor", setter(grids=torch.tensor([2, 4, 3, 2])), TypeError, ["grids", "tensor"],
+         ops_error=RuntimeError, ops_fragments=["grids"]),
+    Case("anchor-grids-tensor", setter(anchor_grids=torch.tensor([1, 2, 2, 1])), TypeError, ["anchor_grids", "tensor"],
+         ops_error=RuntimeError, ops_fragments=["anchor_grids"]),
+    Case("grid-pair-of-three", setter(grids=[(2, 4, 1), (3, 2)]), ValueError, ["grids of image 0", "pair"],
+         python_only=True),
+    Case("keep-ratio-zero", setter(keep_ratio=0.0), ValueError, ["keep_ratio", "(0, 1]"]),
+    Case("keep-ratio-above-one", setter(keep_ratio=1.5), ValueError, ["keep_ratio"]),
+    Case("keep-ratio-negative", setter(keep_ratio=-0.5), ValueError, ["keep_ratio"]),
+    Case("keep-ratio-nan", setter(keep_ratio=NAN), ValueError, ["keep_ratio"]),
+    Case("keep-ratio-inf", setter(keep_ratio=INF), ValueError, ["keep_ratio"]),
+    Case("min-keep-zero", setter(min_keep=0), ValueError, ["min_keep", ">= 1"]),
+    Case("min-keep-negative", setter(min_keep=-3), ValueError, ["min_keep"]),
+    Case("merge-weight-zero", setter(merge_weight=0.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-negative", setter(merge_weight=-1.0), ValueError, ["merge_weight"]),
+    Case("merge-weight-inf", setter(merge_weight=INF), ValueError, ["merge_weight"]),
+    Case("merge-weight-nan", setter(merge_weight=NAN), ValueError, ["merge_weight"]),
+    Case("mixed-devices", tensor_setter("anchors", lambda t: t.to("meta")), ValueError, ["tokens", "anchors", "meta"]),
+    Case("int-tokens", lambda a: a.update(tokens=a["tokens"].int(), anchors=a["anchors"].int()), TypeError,
+         ["tokens"] + DTYPE_WORDS),
+    Case("int64-tokens", lambda a: a.update(tokens=a["tokens"].long(), anchors=a["anchors"].long()), TypeError,
+         ["tokens"] + DTYPE_WORDS),
+    Case("bool-tokens", lambda a: a.update(tokens=a["tokens"] > 0, anchors=a["anchors"] > 0), TypeError, ["tokens"]),
+    Case("complex-tokens", lambda a: a.update(tokens=a["tokens"].to(torch.complex64),
+                                              anchors=a["anchors"].to(torch.complex64)), TypeError,
+         ["tokens"] + DTYPE_WORDS),
+    Case("int-anchors", tensor_setter("anchors", lambda t: t.int()), TypeError, ["anchors"] + DTYPE_WORDS),
+    Case("anchors-dtype-differs", tensor_setter("anchors", lambda t: t.bfloat16()), TypeError,
+         ["anchors dtype", "tokens dtype"]),
+]

@@ -1,4 +1,5 @@
-// Stage III score on the CPU: one pass over the tokens and the anchors they fall on.
+// Stage III score on the CPU (SPEC.md §3, g2tr_kernels/reference/anchor_scores.py): one pass
+// over the tokens and the anchors they fall on.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

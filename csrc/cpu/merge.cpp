@@ -1,4 +1,4 @@
-// Stage IV on the CPU (merging never crosses images).
+// Stage IV on the CPU; the rule is SPEC.md §4 (docs/SPEC.md) as g2tr_kernels/reference/merge.py states it.
 //
 // 1. assignment: for dropped rows in tiles, a matrix product against all kept rows of
 //    the image with the row argmax folded in; nothing of size (N-K) x K is ever held.
@@ -244,7 +244,7 @@ void merge_image(MergePath path, const T* tokens, int64_t dim, const Images& im,
   at::parallel_for(0, k, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(dim);
     for (int64_t r = begin; r < end; ++r) {
-      // (lambda * v_k + sum_j v_j) / (lambda + n_k), summed in ascending j like the reference.
+      // SPEC.md §4's mean, summed in ascending j like the reference.
       scale_row(acc.data(), rows + kept[r] * dim, lambda, dim);
       float count = lambda;
       for (int64_t g = group_begin[r]; g < group_begin[r + 1]; ++g) {

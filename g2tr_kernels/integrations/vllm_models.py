@@ -53,6 +53,25 @@ def _processor_norm(model_config) -> Tuple[List[float], List[float]]:
     return list(mean), list(std)
 
 
+class _G2TRModel:
+    """The __init__ every G2TR model subclass shares (listed before its vLLM parent): the
+    parent's, then, only when the HF config has a "g2tr" key, the processor's normalisation
+    and the Reducer, then g2tr_setup for what the model adds or refuses."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.g2tr: Optional[Reducer] = None
+        cfg = serving_config(self.config)
+        if cfg is None:
+            return
+        self.g2tr_setup(vllm_config)
+        self.g2tr_norm = _processor_norm(vllm_config.model_config)
+        self.g2tr = Reducer(cfg, self.config.text_config.hidden_size)
+
+    def g2tr_setup(self, vllm_config) -> None:
+        raise NotImplementedError
+
+
 # -- LLaVA (1-D RoPE) ---------------------------------------------------------------------
 
 def llava_tokens_per_image(hf_config, image_width: int, image_height: int) -> int:
@@ -94,18 +113,11 @@ def _build_llava_info(ctx):
 @MULTIMODAL_REGISTRY.register_processor(
     _build_llava_or_pixtral_hf_processor, info=_build_llava_info, dummy_inputs=LlavaDummyInputsBuilder
 )
-class G2TRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.g2tr: Optional[Reducer] = None
-        cfg = serving_config(self.config)
-        if cfg is None:
-            return
+class G2TRLlavaForConditionalGeneration(_G2TRModel, LlavaForConditionalGeneration):
+    def g2tr_setup(self, vllm_config) -> None:
         if self.config.vision_config.model_type == "pixtral":
             raise NotImplementedError("g2tr.vllm: Pixtral-HF LLaVA checkpoints (variable image grids) are not served")
         self.g2tr_grid = llava_grid(self.config)
-        self.g2tr_norm = _processor_norm(vllm_config.model_config)
-        self.g2tr = Reducer(cfg, self.config.text_config.hidden_size)
 
     def embed_multimodal(self, **kwargs: object):
         if self.g2tr is None:
@@ -180,7 +192,7 @@ class G2TRQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
 @MULTIMODAL_REGISTRY.register_processor(
     G2TRQwen2_5_VLMultiModalProcessor, info=G2TRQwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
-class G2TRQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class G2TRQwen2_5_VLForConditionalGeneration(_G2TRModel, Qwen2_5_VLForConditionalGeneration):
     """M-RoPE: a kept token keeps the (t, h, w) position it had in the unreduced image, and every
     text token keeps its unreduced position (text after an image starts max(h, w) past it).
 
@@ -200,14 +212,7 @@ class G2TRQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
 
     g2tr_mrope = False
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.g2tr: Optional[Reducer] = None
-        cfg = serving_config(self.config)
-        if cfg is None:
-            return
-        self.g2tr_norm = _processor_norm(vllm_config.model_config)
-        self.g2tr = Reducer(cfg, self.config.text_config.hidden_size)
+    def g2tr_setup(self, vllm_config) -> None:
         # The image-embedding path below replaces vLLM's EVS one; never EVS-prune as well.
         self.is_multimodal_pruning_enabled = False
         # The encoder CUDA-graph path would bypass embed_multimodal: keep it eager.

@@ -24,14 +24,13 @@ except ImportError as error:  # triton is optional
     IMPORT_ERROR = error
 
 if IMPORT_ERROR is None:
-    # Importing the modules registers the ops.
-    from .. import _autograd
-    from . import anchor_scores as _anchor_scores  # noqa: F401
-    from . import balanced_topk as _balanced_topk  # noqa: F401
-    from . import merge as _merge  # noqa: F401
-    from . import reduce as _reduce  # noqa: F401
+    import importlib
 
-    _autograd.register("triton_")  # the Triton ops share the native ops' schemas and gradients
+    from .. import _registry
+
+    for _name in _registry.NAMES:  # importing triton/<op>.py registers torch.ops.g2tr.triton_<op>
+        importlib.import_module(f".{_name}", __name__)
+    _registry.register_gradients("triton_")  # the Triton ops share the native ops' schemas and gradients
 
 
 def require() -> None:

@@ -20,6 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.anchor_scores import NORM_EPS
+
+_NORM_EPS = tl.constexpr(NORM_EPS)  # the one eps of every backend, as a constant the kernels can read
+
 # ---------------------------------------------------------------------------------------
 # The one ordering (common.h ranks_before) as an int64 key: a larger key ranks first.
 # ---------------------------------------------------------------------------------------
@@ -78,10 +82,10 @@ def key_index(key):
 
 @triton.jit
 def inv_norm(sum_of_squares, pow2):
-    """1 / max(|x|, 1e-12) with IEEE sqrt and division (common.h inv_norm); for a row scaled
+    """1 / max(|x|, NORM_EPS) with IEEE sqrt and division (common.h inv_norm); for a row scaled
     by the power of two pow2 (cosine_pow2 above, 1 for normal rows),
     x / max(|x|, eps) = (x * pow2) * result."""
-    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), 1e-12 * pow2))
+    return tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sum_of_squares), pow2 * _NORM_EPS))
 
 
 # ---------------------------------------------------------------------------------------

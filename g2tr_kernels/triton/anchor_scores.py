@@ -7,8 +7,9 @@ fold in the per-cell best: every token atomic_max-es its rank_key (score, then l
 index; _common.py) into its cell's slot. Integer max does not depend on the order
 of the atomics, so the result is deterministic.
 
-score = (dot * inv_norm(token)) * inv_norm(anchor), inv_norm(x) = 1 / max(|x|, 1e-12),
-with IEEE sqrt and division (sqrt_rn, div_rn), as in csrc/include/g2tr/common.h.
+The score is SPEC.md §3's cosine (g2tr_kernels/reference/anchor_scores.py), evaluated as
+(dot * inv_norm(token)) * inv_norm(anchor), inv_norm(x) = 1 / max(|x|, NORM_EPS), with
+IEEE sqrt and division (sqrt_rn, div_rn), in the order of csrc/include/g2tr/common.h.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Stage III select in Triton, as rank-by-counting over packed int64 keys.
 
-The rule (SPEC.md §3, g2tr_kernels/reference/balanced_topk.py): walk the tokens in
-descending score order (ties to the lower index, NaN last), take a token while its cell
-holds fewer than `quota` taken tokens until K are taken, then fill with the best tokens
-not yet taken. Said without a walk, with "j before i" meaning rank_key(j) > rank_key(i):
+The rule is SPEC.md §3 (docs/SPEC.md) as g2tr_kernels/reference/balanced_topk.py walks
+it. Said without a walk, with "j before i" meaning rank_key(j) > rank_key(i):
 
     seed(i) = cell(i) in range and #{j before i in the same cell} < quota
     take(i) = #{seeds j before i} < K                       if seed(i)

@@ -1,6 +1,5 @@
-"""Stage IV in Triton: assign every dropped token to its most similar kept token of the
-same image, then average each kept token with what it absorbed. Four launches, each over
-all images of the packed batch at once:
+"""Stage IV in Triton (the rule: SPEC.md §4 in docs/SPEC.md, g2tr_kernels/reference/merge.py).
+Four launches, each over all images of the packed batch at once:
 
 1. _prepare_kernel (token blocks x images): binary search of each token in the image's
    kept indices -> kept tokens get their output row, dropped ones their slot in a dense
@@ -9,8 +8,8 @@ all images of the packed batch at once:
 2. _assign_kernel (dropped-row tiles x column splits x images): tiled tl.dot of dropped
    rows against kept rows with fp32 accumulation and a running row argmax; nothing of size
    (N-K) x K is ever in memory. value = (dot * inv_norm[k]) * inv_norm[j]; inside a program
-   a strictly greater value replaces the best, tiles ascend, so the lowest k wins ties and
-   NaN never wins. Column splits (more programs for one large image) combine through
+   a strictly greater value replaces the best and tiles ascend, which gives SPEC.md §4's
+   tie rule (NaN compares false, so it never replaces). Column splits (more programs for one large image) combine through
    tl.atomic_max on rank_key(value, k): integer max is order independent, so the result is
    the same bit for bit.
 3. _group_kernel (dropped-row blocks x images): stable counting sort of the dropped

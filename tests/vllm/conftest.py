@@ -41,3 +41,25 @@ def models(tmp_path_factory):
         "vae": tiny_models.build_vae(str(root / "vae")),
     }
 
+
+
+# The engine fixtures test_llava.py and test_qwen2_5_vl.py share. Each module names its
+# checkpoint (MODEL), KEEP, MIN_KEEP, POOL, STEPS, its prompts (prompts()) and its
+# transformers reference of one prompt (reference(models, prompt, keep_ratio)).
+
+
+@pytest.fixture(scope="module")
+def runs(models, request):
+    """One engine per configuration (G2TR at KEEP, G2TR at 1.0, no "g2tr" key), all prompts in it."""
+    import tiny_models
+
+    mod = request.module
+    g2tr = {"keep_ratio": mod.KEEP, "min_keep": mod.MIN_KEEP, "pool": mod.POOL, "vae": models["vae"]}
+    return tiny_models.engine_runs(models[mod.MODEL], mod.prompts, g2tr, mod.STEPS)
+
+
+@pytest.fixture(scope="module")
+def references(models, request):
+    """{keep_ratio: [transformers + g2tr_kernels on each prompt]} for KEEP and 1.0."""
+    mod = request.module
+    return {ratio: [mod.reference(models, p, ratio) for p in mod.prompts()] for ratio in (mod.KEEP, 1.0)}

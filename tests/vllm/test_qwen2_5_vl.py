@@ -1,16 +1,14 @@
 """Qwen2.5-VL served by vLLM with the G2TR plugin: M-RoPE positions of the kept tokens.
 
 The reference runs transformers on the reduced prompt with explicit position ids: each kept
-token at its unreduced (t, h, w) position, every text token at its unreduced position.
+token at its unreduced (t, h, w) position, every text token at its unreduced position
+(the runs and references fixtures of conftest.py).
 """
-import pytest
-
 import g2tr_kernels
 
 import tiny_models as tm
 
-KEEP, MIN_KEEP, STEPS, POOL = 0.5, 8, 8, 2
-LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers
+MODEL, KEEP, MIN_KEEP, STEPS, POOL = "qwen", 0.5, 8, 8, 2
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # Two images after more text than the first one's K: each lands in its own placeholder run.
 LONG = " ".join(f"w{i}" for i in range(30))
@@ -20,37 +18,19 @@ PROMPTS_TEXT = [f"USER: {IMAGE} w3 w17 w42 ASSISTANT:", f"USER: w5 w6 {IMAGE} w9
 IMAGES = [[(200, 150, 0)], [(120, 210, 1)], [(150, 200, 2), (210, 120, 3)]]
 
 
-def _images(spec):
-    return [tm.make_image(w, h, s) for w, h, s in spec]
+def prompts():
+    return [{"prompt": p, "multi_modal_data": {"image": [tm.make_image(w, h, s) for w, h, s in spec]}}
+            for p, spec in zip(PROMPTS_TEXT, IMAGES)]
 
 
-def _prompts():
-    return [{"prompt": p, "multi_modal_data": {"image": _images(spec)}} for p, spec in zip(PROMPTS_TEXT, IMAGES)]
-
-
-@pytest.fixture(scope="module")
-def runs(models):
-    g2tr = {"keep_ratio": KEEP, "min_keep": MIN_KEEP, "pool": POOL, "vae": models["vae"]}
-    return tm.engine_runs(models["qwen"], _prompts, g2tr, STEPS)
-
-
-@pytest.fixture(scope="module")
-def references(models):
-    return {
-        ratio: [
-            tm.qwen_reference(models["qwen"], models["vae"], p["prompt"], p["multi_modal_data"]["image"], ratio,
-                              MIN_KEEP, STEPS, pool=POOL)
-            for p in _prompts()
-        ]
-        for ratio in (KEEP, 1.0)
-    }
+def reference(models, p, ratio):
+    return tm.qwen_reference(models["qwen"], models["vae"], p["prompt"], p["multi_modal_data"]["image"], ratio,
+                             MIN_KEEP, STEPS, pool=POOL)
 
 
 def test_greedy_tokens_equal_transformers_on_the_reduced_prompt(runs, references):
-    for b, ((_, tokens, logprobs), ref) in enumerate(zip(runs["g2tr"], references[KEEP])):
-        assert tokens == ref["tokens"], f"prompt {b} (grid {ref['grid']})"
-        # Every step's log-probability: sensitive to each prompt position's M-RoPE ids.
-        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL), f"prompt {b} (grid {ref['grid']})"
+    # Every step's log-probability is sensitive to each prompt position's M-RoPE ids.
+    tm.check_greedy_equals_reference(runs, references, KEEP)
 
 
 def test_prompt_holds_k_placeholders(runs, references):
@@ -69,7 +49,4 @@ def test_keep_one_equals_stock_vllm(runs):
 
 
 def test_stock_is_the_unreduced_model(runs, references):
-    for (prompt_ids, tokens, logprobs), ref in zip(runs["stock"], references[1.0]):
-        assert len(prompt_ids) == ref["n"] + ref["text_len"]
-        assert tokens == ref["tokens"]
-        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL)
+    tm.check_stock_is_the_unreduced_model(runs, references)

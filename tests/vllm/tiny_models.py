@@ -54,8 +54,12 @@ def _fix_vision_prefix(folder: str, old: str, new: str) -> None:
     save_file(fixed, path, metadata={"format": "pt"})
 
 
-def build_llava(folder: str, image_size: int = 64, patch_size: int = 8, seed: int = 0) -> str:
-    """A LLaVA-1.5 layout: CLIP tower (2 layers) + 2-layer MLP projector + 2-layer Llama."""
+def build_llava(folder: str, image_size: int = 64, patch_size: int = 8, seed: int = 0, *, vision=None, text=None,
+                dtype=torch.float32, widen: bool = True) -> str:
+    """A LLaVA-1.5 layout: CLIP tower (2 layers) + 2-layer MLP projector + 2-layer Llama.
+
+    vision / text: CLIPVisionConfig / LlamaConfig arguments that replace the tiny sizes
+    (benchmarks/serve_vllm.py builds realistic widths so); widen=False keeps the random init."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -67,15 +71,15 @@ def build_llava(folder: str, image_size: int = 64, patch_size: int = 8, seed: in
 
     os.makedirs(folder, exist_ok=True)
     tok = _tokenizer(folder, ["<image>"], "<image>")
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=patch_size, projection_dim=32,
-    )
-    text = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        tie_word_embeddings=False,
-    )
+    vision = CLIPVisionConfig(**{
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "projection_dim": 32, **(vision or {}), "image_size": image_size, "patch_size": patch_size,
+    })
+    text = LlamaConfig(**{
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "max_position_embeddings": 512, **(text or {}), "vocab_size": len(tok),
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "tie_word_embeddings": False,
+    })
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
@@ -83,8 +87,9 @@ def build_llava(folder: str, image_size: int = 64, patch_size: int = 8, seed: in
     config.architectures = ["LlavaForConditionalGeneration"]
     _seeded(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _widen(model, seed)
-    model.save_pretrained(folder, safe_serialization=True)
+    if widen:
+        _widen(model, seed)
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)
     _fix_vision_prefix(folder, "vision_tower.", "vision_tower.vision_model.")
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
@@ -354,8 +359,31 @@ def engine_runs(model: str, prompts_fn, g2tr: dict, steps: int) -> dict:
     }
 
 
+LOGPROB_TOL = 1e-4  # fp32, vLLM's CPU kernels against transformers
+
+
+def check_greedy_equals_reference(runs, references, keep: float) -> None:
+    """G2TR in vLLM gives transformers' greedy tokens and per-step log-probabilities on the reduced prompt."""
+    import pytest
+
+    for b, ((_, tokens, logprobs), ref) in enumerate(zip(runs["g2tr"], references[keep])):
+        where = f"prompt {b} (grid {ref.get('grid')})"
+        assert tokens == ref["tokens"], where
+        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL), where
+
+
+def check_stock_is_the_unreduced_model(runs, references) -> None:
+    """No "g2tr" key: N placeholders per image and the tokens of the unreduced model."""
+    import pytest
+
+    for (prompt_ids, tokens, logprobs), ref in zip(runs["stock"], references[1.0]):
+        assert len(prompt_ids) == ref["n"] + ref["text_len"]
+        assert tokens == ref["tokens"]
+        assert logprobs == pytest.approx(ref["logprobs"], abs=LOGPROB_TOL)
+
+
 __all__ = [
     "build_llava", "build_qwen2_5_vl", "build_vae", "llava_reference", "make_image", "qwen_reference", "run_engine",
-    "engine_runs",
+    "engine_runs", "check_greedy_equals_reference", "check_stock_is_the_unreduced_model", "LOGPROB_TOL",
 ]
 

@@ -1,9 +1,8 @@
 // Stage III select on the GPU (SPEC.md §3): one thread block per image, whole image in
 // registers and shared memory, two stable block radix sorts and three block scans.
 //
-// The sequential rule (walk tokens by descending score, ties to the lower index; take one
-// while its cell holds fewer than `quota` taken, until K; then fill with the best of the
-// rest) equals: seed = "valid cell and fewer than `quota` tokens of the same cell rank
+// The rule is SPEC.md §3 as g2tr_kernels/reference/balanced_topk.py walks it. Without the
+// walk it equals: seed = "valid cell and fewer than `quota` tokens of the same cell rank
 // before it"; keep the first K of [seeds in score order, then non-seeds in score order].
 // (A seed's cell holds exactly its rank-in-cell taken tokens when the walk reaches it.)
 //   1. sort tokens by descending_score_key (stable: ties keep the lower index first);

@@ -11,8 +11,9 @@
 // 2. group: per image, the best of the splits is each dropped token's target; a stable
 //    counting sort (counts, one scan, then chunks of a stable block radix sort by target)
 //    lists every kept row's dropped tokens in ascending index order. Integer atomics only.
-// 3. sum: per kept row, (merge_weight * v_k + sum over its list, ascending) / (merge_weight
-//    + n_k) in fp32, the count accumulated in fp32 from merge_weight as on the CPU.
+// 3. sum: per kept row, the weighted mean of SPEC.md §4 (g2tr_kernels/reference/merge.py)
+//    over its list in ascending order, in fp32, the count accumulated in fp32 from
+//    merge_weight as on the CPU.
 // With the same assignment the merged rows equal the CPU's bit for bit; the assignment
 // itself differs only where two similarities are within fp32 summation-order rounding.
 //
