@@ -18,6 +18,7 @@ masked_scatter fills them).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
@@ -153,19 +154,22 @@ def rebuild_padded(
     the batch counted in row-major order, i.e. into the packed image features. Every other
     column is kept. position_ids may carry leading dims ([B, L] or e.g. [3, B, L]).
     padding_side="right" appends the new padding (training, plain forward); "left"
-    prepends it, which keeps left-padded generation prompts left-padded.
+    prepends it, which keeps left-padded generation prompts left-padded; "auto" prepends it
+    where attention_mask shows left-padded prompts (every row ends with a real token and
+    some row starts with padding) and appends it otherwise, decided on the device.
     image_tokens (the image tokens in input_ids) and row_lengths (each row's length after
     the reduction), when the caller knows them on the host, make the rebuild read nothing
     back from the device (no sync, torch.compile without graph breaks); keep_idx is then
-    trusted, not checked.
+    trusted, not checked. row_lengths may be unbacked SymInts (traced .tolist() under
+    torch._dynamo.config.capture_scalar_outputs): nothing below branches on them.
     """
     op = "g2tr.layout.rebuild_padded"
     if hasattr(keep_idx, "keep_idx"):
         keep_idx = keep_idx.keep_idx
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"{op}: input_ids must be a [B, L] tensor")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"{op}: padding_side must be 'right' or 'left', got {padding_side!r}")
+    if padding_side not in ("right", "left", "auto"):
+        raise ValueError(f"{op}: padding_side must be 'right', 'left' or 'auto', got {padding_side!r}")
     b, length = input_ids.shape
     device = input_ids.device
     is_image = input_ids == image_token_id
@@ -191,11 +195,21 @@ def rebuild_padded(
     if row_lengths is None:
         lengths = row_len.tolist()
     else:
-        lengths = [int(n) for n in row_lengths]
+        lengths = [n if isinstance(n, torch.SymInt) else int(n) for n in row_lengths]
         if len(lengths) != b:
             raise ValueError(f"{op}: row_lengths has {len(lengths)} entries for {b} rows")
-    new_len = max(lengths) if b else 0
-    offset = (new_len - row_len) if padding_side == "left" else torch.zeros_like(row_len)
+    # sym_max, not max(): max() compares, and a comparison of unbacked sizes cannot be traced.
+    new_len = functools.reduce(torch.sym_max, lengths) if b else 0
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"{op}: attention_mask must have the shape of input_ids {list(input_ids.shape)}")
+    offset = torch.zeros_like(row_len)
+    if padding_side == "left":
+        offset = new_len - row_len
+    elif padding_side == "auto" and b and length:
+        # A device-side choice: reading the side back would be a host sync for two bits.
+        left = (mask[:, -1] != 0).all() & (mask[:, 0] == 0).any()
+        offset = torch.where(left, new_len - row_len, offset)
     column = torch.cumsum(keep.long(), 1) - 1 + offset[:, None]
     # Dropped columns go to a spare column past the end that is cut off: a scatter with a
     # shape known on the host, where nonzero() would need the device's count.
@@ -205,12 +219,9 @@ def rebuild_padded(
         lead = values.shape[:-2]
         out = values.new_full((*lead, b, new_len + 1), fill)
         out.scatter_(-1, target.expand(*lead, b, length), values.expand(*lead, b, length))
-        return out[..., :new_len]
+        return out.narrow(-1, 0, new_len)  # narrow, not a slice: an unbacked new_len stays one symbol
 
     index = rebuild(torch.arange(length, device=device).expand(b, length), -1)
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"{op}: attention_mask must have the shape of input_ids {list(input_ids.shape)}")
     new_pos = None
     if position_ids is not None:
         if position_ids.shape[-2:] != input_ids.shape:

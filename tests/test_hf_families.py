@@ -613,7 +613,7 @@ def test_support_table_is_in_the_readme():
 # -- torch.compile ------------------------------------------------------------------------
 def test_compiled_prefill_has_no_graph_break_of_the_projects_making():
     # One prompt: every size comes from host-side grids, so the wrapper and g2tr_kernels read
-    # nothing back from the device (a batch reads B + 2 ints once, see _host_layout).
+    # nothing back from the device (a batch: tests/test_hf_sync.py).
     from pathlib import Path
 
     import g2tr_kernels
@@ -682,6 +682,50 @@ def test_qwen2_vl_video_next_to_images_passes_unreduced():
         model(**inputs, vae_pixel_values=case.vae_images)
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
     assert int((model._g2tr_handle.last.layout.input_ids == VID).sum()) == 32  # every video token kept
+
+
+def llava_onevision_video_case():
+    # the OneVision case with a video after prompt 0's image: 2 frames of 4 x 4 patches, pooled
+    # 2 x 2 -> 4 tokens a frame, + one image_newline = 9 video tokens
+    case = _anyres_case("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", batch_num_images=[1, 2],
+                        video_token_index=VID)
+    case.model_vae = tiny_vae()
+    torch.manual_seed(5)
+    videos = torch.randn(1, 2, 3, 32, 32)
+    with torch.no_grad():
+        n_video = case.model.get_video_features(videos, return_dict=True).pooler_output.shape[1]
+    rows = [[t for t in row if t != PAD] for row in case.inputs["input_ids"].tolist()]
+    rows[0] = rows[0][:-1] + [VID] * n_video + rows[0][-1:]
+    ids = left_pad(rows)
+    case.inputs.update(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values_videos=videos)
+    return case, n_video
+
+
+def test_llava_onevision_images_and_videos_in_one_call():
+    # images reduced on their own grids, the video's features passed through unreduced in place
+    case, n_video = llava_onevision_video_case()
+    model, inputs = case.model, case.inputs
+    images_only = {k: v for k, v in inputs.items() if k != "pixel_values_videos"}
+    by_hand = copy.copy(case)
+    by_hand.inputs = images_only
+    reduced, _, kept = hand_reduced(by_hand, 0.5)
+    with torch.no_grad():
+        video = model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
+        reduced["mm_encoder_outputs"]["video"] = video
+        ref_all, ref_half = model(**inputs).logits, model(**reduced).logits
+        ref_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        handle = apply_g2tr(model, case.model_vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
+        same = model(**inputs, vae_pixel_values=case.vae_images).logits
+        gen = model.generate(**inputs, vae_pixel_values=case.vae_images, max_new_tokens=3, do_sample=False)
+        handle.remove()
+        handle = apply_g2tr(model, case.model_vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
+        half = model(**inputs, vae_pixel_values=case.vae_images).logits
+    torch.testing.assert_close(same, ref_all, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, ref_gen)
+    assert handle.last.kept == kept
+    assert torch.equal(handle.last.layout.input_ids, reduced["input_ids"])
+    assert int((handle.last.layout.input_ids == VID).sum()) == n_video  # every video token kept, in place
+    torch.testing.assert_close(half, ref_half, atol=1e-5, rtol=1e-5)
 
 
 def test_token_types_a_processor_adds_are_rebuilt_even_where_the_row_does_not_name_them():

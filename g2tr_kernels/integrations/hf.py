@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
 from ..anchors import Pool, Projection, encode_latents, prepare_anchors
@@ -242,6 +243,7 @@ class G2TRHandle:
             )
         cache = arguments.get("past_key_values")
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        row_counts = self._start_host_copies(input_ids, arguments)
 
         turn = None
         if mrope and past and for_generate:
@@ -304,10 +306,10 @@ class G2TRHandle:
         if mrope and position_ids is None:
             rope_positions, rope_deltas = self._rope_index(
                 input_ids, attention_mask, arguments if turn is None else dict(arguments, image_grid_thw=turn.image_grid_thw))
-        row_lengths, padding_side = self._host_layout(input_ids, keep_idx, image_tokens, attention_mask, padding_side)
+        row_lengths = self._row_lengths(row_counts, input_ids, keep_idx, image_tokens, lengths, kept_per_image)
         layout = rebuild_padded(
             input_ids, keep_idx, self.image_token_id, attention_mask=attention_mask, position_ids=position_ids,
-            labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side,
+            labels=labels, pad_token_id=self.pad_token_id, padding_side=padding_side or "auto",
             image_tokens=image_tokens, row_lengths=row_lengths,
         )
         self.last = Reduction(out, grids, anchor_grids, layout, part_lengths, kept)
@@ -328,16 +330,7 @@ class G2TRHandle:
             result["image_grid_thw"] = turn.image_grid_thw
         mm = {"image": encoded}
         if arguments.get("pixel_values_videos") is not None:
-            if family.grids != "grid_thw":
-                raise NotImplementedError(
-                    f"g2tr.hf: {family.model_type}: images and videos in one call are not reduced; pass them in "
-                    "separate calls (videos alone run unreduced)"
-                )
-            # Videos are not reduced; they are encoded here because the model takes either
-            # pixel values or encoder outputs, not both.
-            mm["video"] = self.model.get_video_features(
-                arguments.pop("pixel_values_videos"), arguments.get("video_grid_thw"), return_dict=True
-            )
+            mm["video"] = self._video_features(arguments)
         result["mm_encoder_outputs"] = mm
         # The row's per-token inputs, and the token-type tensors processors return even where
         # the model only passes them on (generate slices and extends them like input_ids).
@@ -369,28 +362,66 @@ class G2TRHandle:
             result["position_ids"] = positions
         return result
 
-    def _host_layout(self, input_ids, keep_idx, image_tokens: int, attention_mask, padding_side):
-        """Each row's reduced length and the padding side, as host values.
+    def _video_features(self, arguments):
+        """The call's videos, encoded by the model itself and not reduced: the model takes pixel values
+        or encoder outputs, not both, and G2TR reduces images (a video's frames have no VAE image).
+        Their tokens are not image tokens, so the layout keeps every one in place."""
+        get_video_features = self.model.get_video_features
+        accepted = inspect.signature(get_video_features).parameters
+        # The forward arguments that shape the video features (the rest default from the config).
+        names = ("video_grid_thw", "vision_feature_layer", "vision_feature_select_strategy")
+        extra = {k: arguments[k] for k in names if k in accepted and arguments.get(k) is not None}
+        return get_video_features(arguments.pop("pixel_values_videos"), return_dict=True, **extra)
 
-        One prompt: from host sizes alone, and no new padding, so no side: nothing is read
-        from the device. A batch: one small read (B + 2 ints) of the per-row counts and, for
-        forward, whether the prompts are left-padded (some row starts with padding while every
-        row ends with a real token).
+    def _start_host_copies(self, input_ids, arguments) -> Optional["_HostCopy"]:
+        """Before the vision tower is enqueued, the device values the host will need start on their
+        way: each row's image-token count (a batch) and the per-image sizes (_host reads them)."""
+        if torch.compiler.is_compiling():
+            return None  # a traced graph cannot hold an event
+        for name in _HOST_SIZES:
+            value = arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                _COPIES[value] = _HostCopy(value)
+        if input_ids.shape[0] == 1:
+            return None  # one prompt: its length follows from host sizes
+        return _HostCopy((input_ids == self.image_token_id).sum(1))
+
+    def _row_lengths(self, row_counts: Optional["_HostCopy"], input_ids, keep_idx, image_tokens: int, lengths,
+                     kept) -> List[int]:
+        """Each row's length after the reduction, as host ints (they size the new prompt).
+
+        One prompt: from host sizes alone. A batch: from each row's image-token count, copied
+        to the host when the prefill started (_HostCopy), and the host-side N and K of each
+        image, images filling the rows in order. Only where that does not hold (an image whose
+        tokens do not sit in one row, a token count that is not the features' count, or under
+        torch.compile) are the kept tokens counted per row on the device and read back: one
+        graph break under torch.compile, none with capture_scalar_outputs (unbacked sizes).
         """
         b, length = input_ids.shape
         if b == 1:
-            return [length - (image_tokens - keep_idx.numel())], padding_side or "right"
+            return [length - (image_tokens - keep_idx.numel())]
+        per_row = row_counts.wait() if row_counts is not None else None
+        if per_row is not None:
+            rows = _image_rows(per_row, lengths)
+            if rows is not None:
+                kept_per_row = per_row.new_zeros(b).scatter_add_(0, rows, torch.tensor(kept, dtype=per_row.dtype))
+                return (length - per_row + kept_per_row).tolist()
+        return self._row_lengths_from_device(input_ids, keep_idx)
+
+    def _row_lengths_from_device(self, input_ids, keep_idx) -> List[int]:
+        """The kept tokens of each row counted on the device, and read back (B ints)."""
+        length = input_ids.shape[1]
         per_row = (input_ids == self.image_token_id).sum(1)
         kept_rows = torch.searchsorted(per_row.cumsum(0), keep_idx.to(per_row.device), right=True)
-        kept_per_row = per_row.new_zeros(b).scatter_add_(0, kept_rows, torch.ones_like(kept_rows))
-        values = [length - per_row + kept_per_row]
-        detect = padding_side is None and attention_mask is not None and attention_mask.dim() == 2
-        if detect:
-            values.append(torch.stack([(attention_mask[:, -1] != 0).all(), (attention_mask[:, 0] == 0).any()]).long())
-        host = torch.cat(values).tolist()  # the one device read of a batched prefill
-        if padding_side is None:
-            padding_side = "left" if detect and host[b] and host[b + 1] else "right"
-        return host[:b], padding_side
+        kept_per_row = per_row.new_zeros(per_row.numel()).scatter_add_(0, kept_rows, torch.ones_like(kept_rows))
+        row_lengths = (length - per_row + kept_per_row).tolist()
+        if torch.compiler.is_compiling():  # traced .tolist(): unbacked sizes under capture_scalar_outputs
+            for n in row_lengths:
+                # What tracing cannot know of an unbacked length: a row keeps K >= 1 of each
+                # image and all its other tokens, so it is never empty and never longer than before.
+                torch._check(n >= 1)
+                torch._check(n <= length)
+        return row_lengths
 
     def _parts(self, lengths: List[int], arguments) -> "_Parts":
         if self.family.grids == "anyres":
@@ -705,6 +736,52 @@ class G2TRHandle:
         return _restore_prompt(out, input_ids, reduced_ids.shape[-1])
 
 
+class _HostCopy:
+    """A few device values on their way to the host from the start of the prefill.
+
+    Read where they are needed (the layout, after the reduction), they would wait for
+    everything queued before them: the vision tower, the VAE, the reduction, a pipeline stall.
+    Copied first, non-blocking into pinned memory with an event, the host waits only for a
+    copy that finished long before.
+    """
+
+    def __init__(self, values: torch.Tensor):
+        self.event = None
+        if values.device.type != "cuda":
+            self.values = values.cpu()  # the CPU: no copy; other devices: nothing of this prefill queued yet
+            return
+        self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        self.values.copy_(values, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(values.device))  # the stream the copy went on
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values
+
+
+# Per-image sizes read on the host (grids, anyres layout, crops): processors return them on the
+# CPU, but inputs moved with .to(device) bring them along; those are copied at the start.
+_HOST_SIZES = ("image_sizes", "image_grid_thw", "batch_num_images")
+_COPIES = WeakIdKeyDictionary()  # device tensor -> its _HostCopy; an entry goes with its tensor
+
+
+def _image_rows(per_row: torch.Tensor, lengths: List[int]) -> Optional[torch.Tensor]:
+    """The row of each image (host tensors), or None if some image's tokens are not all in one row
+    or the rows hold another number of image tokens than the features."""
+    ends = per_row.cumsum(0)
+    if not lengths or int(ends[-1]) != sum(lengths):
+        return None
+    sizes = torch.tensor(lengths, dtype=ends.dtype)
+    starts = sizes.cumsum(0) - sizes
+    first = torch.searchsorted(ends, starts, right=True).clamp_(max=per_row.numel() - 1)
+    last = torch.searchsorted(ends, starts + sizes - 1, right=True).clamp_(max=per_row.numel() - 1)
+    if not torch.equal(first[sizes > 0], last[sizes > 0]):
+        return None
+    return first
+
+
 class _Patched:
     """model.forward / model.generate while G2TR is applied.
 
@@ -837,14 +914,21 @@ def _inner(model, method: str = "get_rope_index"):
 
 
 def _host_flat(values) -> List[int]:
-    return values.reshape(-1).tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
+    return _host_tensor(values).reshape(-1).tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
 
 
 def _host(values) -> List[List[int]]:
-    """Per-image sizes as host ints (processors return them on the CPU, so this reads no device)."""
+    """Per-image sizes as host ints: a CPU tensor as it is, a device one from its copy (_HostCopy)."""
     if isinstance(values, torch.Tensor):
-        return values.tolist()
+        return _host_tensor(values).tolist()
     return [list(v) for v in values]
+
+
+def _host_tensor(values: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return values  # no copies were started (_start_host_copies)
+    copy = _COPIES.get(values)
+    return copy.wait() if copy is not None else values
 
 
 def _refuse_unrebuilt(arguments: Dict[str, Any], input_ids: torch.Tensor) -> None:

@@ -99,8 +99,8 @@ FAMILIES: Dict[str, Family] = {
              handles={"image_sizes", "image_newline", "videos", "vision_aspect_ratio", "batch_num_images"},
              vision_kwargs=("image_sizes", "vision_aspect_ratio", "batch_num_images") + _LLAVA_KW,
              vision_towers=("clip_vision_model", "siglip_vision_model"),
-             notes="as llava_next (the downsampled grid of anyres_max is a grid too); images and videos in one "
-                   "call are refused, videos alone run unreduced"),
+             notes="as llava_next (the downsampled grid of anyres_max is a grid too); videos pass unreduced, "
+                   "alone or next to images, their tokens kept in place"),
         _row("idefics3", PER_PROMPT, "per_prompt", handles={"pixel_attention_mask"},
              vision_kwargs=("pixel_attention_mask",),
              notes="features come per prompt; each image (tile) is reduced on its own square grid; "
