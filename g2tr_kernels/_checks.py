@@ -11,9 +11,10 @@ are read here (shapes, dtypes, the int lists), so nothing syncs with a device.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import struct
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -21,6 +22,68 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Pairs = List[Tuple[int, int]]
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input under torch.compile. While tracing, dynamo turns an exception into its own:
+# one raised by an op's fake kernel into a TorchRuntimeError, one raised by traced Python
+# (the API's normalisers) into Unsupported("Observed exception"), our message buried in
+# its context; under fullgraph=True there is no eager fallback that would raise ours. The
+# one exception type torch 2.14's dynamo lets through unwrapped is IndexError (utils.py
+# run_node / convert_frame.py: dim out-of-range errors "reach the user as IndexError"). So
+# under tracing a check's ValueError / TypeError is re-raised as a subclass that is also an
+# IndexError: the user's `except ValueError` and the message are what eager gives.
+# ---------------------------------------------------------------------------------------
+
+
+class CompileValueError(ValueError, IndexError):
+    """A ValueError of the checks, raised while torch.compile traces a call."""
+
+
+class CompileTypeError(TypeError, IndexError):
+    """A TypeError of the checks, raised while torch.compile traces a call."""
+
+
+def _compile_error(is_type: bool, message: str) -> Exception:
+    return (CompileTypeError if is_type else CompileValueError)(message)
+
+
+def surfaced_under_compile(fake: Callable) -> Callable:
+    """The fake kernel `fake`, with the checks' errors re-raised as Compile*Error."""
+
+    @functools.wraps(fake)
+    def run(*args, **kwargs):
+        try:
+            return fake(*args, **kwargs)
+        except (CompileValueError, CompileTypeError):
+            raise
+        except (ValueError, TypeError) as e:
+            raise _compile_error(isinstance(e, TypeError), str(e)) from None
+
+    return run
+
+
+@torch._dynamo.nonstrict_trace
+def _raise_traced(is_type: bool, message: str) -> None:
+    # nonstrict_trace: dynamo runs this for real while tracing (as it runs fake kernels),
+    # so what it raises leaves dynamo as it is, not as an observed exception.
+    raise _compile_error(is_type, message)
+
+
+def api_errors(fn: Callable) -> Callable:
+    """Decorates an API function: under torch.compile its ValueError / TypeError (raised
+    by traced Python: normalisers) reaches the user as Compile*Error; eager: unchanged."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as e:
+            if torch.compiler.is_compiling():
+                _raise_traced(isinstance(e, TypeError), str(e))
+            raise
+
+    return run
 
 
 def as_int(op: str, what: str, value) -> int:

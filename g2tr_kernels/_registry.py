@@ -274,7 +274,8 @@ def register_gradients(prefix: str = "") -> None:
 
 def register() -> None:
     """Registers the fake kernels and gradients of the native ops (the Triton ops get their
-    fake kernels from torch.library.triton_op)."""
+    fake kernels from torch.library.triton_op). A fake kernel's check errors reach the user
+    of torch.compile as the project's own (_checks.surfaced_under_compile)."""
     for record in OPS:
-        torch.library.register_fake(record.qualname)(record.fake)
+        torch.library.register_fake(record.qualname)(_checks.surfaced_under_compile(record.fake))
     register_gradients()

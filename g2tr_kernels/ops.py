@@ -66,6 +66,7 @@ def _call(name: str, backend: str, args: tuple):
     return record.kernel(resolve_backend(backend, first.device))(*args)
 
 
+@_checks.api_errors
 def budgets(lengths: Sequence[int], keep_ratio: float = 0.5, min_keep: int = 32) -> List[int]:
     """Per-image K: min(N, max(min_keep, round_half_even(N * keep_ratio)))."""
     op = "g2tr.budgets"
@@ -73,6 +74,7 @@ def budgets(lengths: Sequence[int], keep_ratio: float = 0.5, min_keep: int = 32)
     return [budget(_checks.as_int(op, f"lengths[{b}]", n), keep_ratio, min_keep) for b, n in enumerate(lengths)]
 
 
+@_checks.api_errors
 def reduce(
     tokens: torch.Tensor,
     anchors: torch.Tensor,
@@ -100,6 +102,7 @@ def reduce(
     return ReduceOutput(*_call("reduce", backend, args))
 
 
+@_checks.api_errors
 def reduce_padded(
     tokens: torch.Tensor,
     anchors: torch.Tensor,
@@ -140,11 +143,13 @@ def reduce_padded(
     )
 
 
+@_checks.api_errors
 def anchor_scores(tokens, anchors, grids, anchor_grids, backend: str = "auto"):
     """Stage III score: (scores fp32 [N], cells int64 [N], local cell id of each token)."""
     return _call("anchor_scores", backend, BY_NAME["anchor_scores"].normalise(tokens, anchors, grids, anchor_grids))
 
 
+@_checks.api_errors
 def balanced_topk(
     scores: torch.Tensor,
     cells: torch.Tensor,
@@ -167,6 +172,7 @@ def balanced_topk(
     return _call("balanced_topk", backend, args)
 
 
+@_checks.api_errors
 def merge(
     tokens: torch.Tensor,
     keep_idx: torch.Tensor,

@@ -180,6 +180,33 @@ def cases(device: str, smoke: bool) -> List[Case]:
 
         return run
 
+    def extreme_magnitudes(backend):
+        # Cosines at any finite magnitude (SPEC.md §3): rows near each dtype's maximum and in
+        # the subnormal range give the float64 cosine within 1e-6 (scores, and the merge's
+        # argmax on the mma and fma kernels), as tests/test_extreme_values.py asks on the CPU,
+        # and at D = 3584 / 3583 here.
+        def run():
+            import test_extreme_values as ev
+
+            for dtype in (torch.float32, torch.bfloat16):
+                ev.test_merge_assignment_at_every_magnitude(backend, device, dtype)
+                ev.test_scores_match_float64_at_every_magnitude(backend, device, dtype)
+            ev.test_reduce_at_extreme_magnitude_keeps_what_unit_scale_keeps(backend, device)
+            ev.test_normal_rows_are_bitwise_unchanged_by_an_extreme_neighbour(backend, device)
+            worst = 0.0
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for i, scale in enumerate(ev.magnitudes(dtype)):
+                    for d in ((40, 39) if smoke else (3584, 3583)):
+                        tokens, anchors = ev.rows(256, d, scale, dtype, seed=i), ev.rows(16, d, scale, dtype, seed=50 + i)
+                        scores, cells = g2tr.anchor_scores(tokens.to(device), anchors.to(device), [(16, 16)], [(4, 4)],
+                                                           backend=backend)
+                        err = (scores.cpu().double() - ev.cosine64(tokens, anchors[cells.cpu()])).abs().max().item()
+                        assert err <= 1e-6, f"{backend} {dtype} D {d} scale {scale:g}: error {err:.3g}"
+                        worst = max(worst, err)
+            return {"max_error": worst}
+
+        return run
+
     def triton_registers():
         needs_cuda()
         import importlib
@@ -222,6 +249,7 @@ def cases(device: str, smoke: bool) -> List[Case]:
         out.append((f"{backend}: CUDA graph capture and replay (M2)", graph_capture(backend)))
         out.append((f"{backend}: runs on the current stream (S1)", current_stream(backend)))
         out.append((f"{backend}: torch.compile fullgraph equals eager (M1)", compiled(backend)))
+        out.append((f"{backend}: cosines at extreme magnitudes vs float64", extreme_magnitudes(backend)))
     out.append(("triton: compiled kernels have no register spills", triton_registers))
     return out
 

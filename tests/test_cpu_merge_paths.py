@@ -11,6 +11,7 @@ from g2tr_kernels import _native
 
 from helpers import (
     WORKLOADS,
+    assert_bitwise_equal,
     assert_merge_matches,
     assert_outputs_bitwise_equal,
     assert_reduce_matches,
@@ -159,3 +160,29 @@ def test_small_images_spread_over_threads_give_each_image_alone(path):
     assert torch.equal(together.merged[rows], alone.merged)
     assert torch.equal(together.keep_idx[rows] - 256, alone.keep_idx)
     assert torch.equal(together.assign[256:512] - int(together.cu_seqlens[1]), alone.assign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_small_images_through_all_stages_at_once_are_the_stages_one_by_one(dtype):
+    # reduce takes small images (S1's shape: 16x16 tokens on a finer 32x32 anchor grid) through
+    # score, select and merge one image per task; that must be the stage ops' bits, on any
+    # number of threads.
+    grids, anchor_grids = [(16, 16)] * 5, [(32, 32)] * 5
+    tokens, anchors = make_workload(grids, anchor_grids, 48, dtype, seed=26)
+    lengths = [256] * 5
+    budgets = g2tr.budgets(lengths, 0.5, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = g2tr.reduce(tokens, anchors, grids, anchor_grids, min_keep=4, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    out = g2tr.reduce(tokens, anchors, grids, anchor_grids, min_keep=4, backend="cpu")
+    assert_outputs_bitwise_equal("1 thread", single, out)
+    scores, cells = g2tr.anchor_scores(tokens, anchors, grids, anchor_grids, backend="cpu")
+    keep = g2tr.balanced_topk(scores, cells, lengths, budgets, [1024] * 5, backend="cpu")
+    merged, assign = g2tr.merge(tokens, keep, lengths, budgets, backend="cpu")
+    assert_bitwise_equal("scores", out.scores, scores)
+    assert_bitwise_equal("keep_idx", out.keep_idx, keep)
+    assert_bitwise_equal("merged", out.merged, merged)
+    assert_bitwise_equal("assign", out.assign, assign)

@@ -1,6 +1,7 @@
 """Cosines at every finite magnitude (SPEC.md §3): inputs from the smallest subnormal up
 to the fp32 maximum give the float64 cosine within 1e-6 on every backend, scores and
-merge assignment alike; normal rows are untouched by the rescaling (bit for bit).
+merge assignment alike; normal rows are untouched by the rescaling (bit for bit). Every
+(backend, device) pair of helpers.py: on a GPU the CUDA and Triton kernels too.
 """
 import math
 
@@ -8,17 +9,9 @@ import pytest
 import torch
 
 import g2tr_kernels as g2tr
-from g2tr_kernels import _native, reference
+from g2tr_kernels import reference
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-# CPU tensors: the readable oracle, the C++ kernels and the Triton kernels (interpreter).
-RUNNABLE = ["reference"] + (["cpu"] if _native.loaded() else []) + (["triton"] if HAVE_TRITON else [])
+from helpers import BACKEND_DEVICES, backend_device
 
 
 def cosine64(x, y):
@@ -45,35 +38,37 @@ def rows(n, d, scale, dtype, seed):
     return (x * scale).to(dtype)
 
 
-@pytest.mark.parametrize("backend", RUNNABLE)
+@backend_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_scores_match_float64_at_every_magnitude(backend, dtype):
-    for i, scale in enumerate(magnitudes(dtype)):
-        tokens = rows(64, 64, scale, dtype, seed=i)
-        anchors = rows(4, 64, scale, dtype, seed=100 + i)
+def test_scores_match_float64_at_every_magnitude(backend, device, dtype):
+    # D = 64 (vector loads) and D = 67 (element loads, a partial last vector on CUDA).
+    for i, (scale, d) in enumerate((s, d) for s in magnitudes(dtype) for d in (64, 67)):
+        tokens = rows(64, d, scale, dtype, seed=i)
+        anchors = rows(4, d, scale, dtype, seed=100 + i)
         # Mixed magnitudes too: anchors of another scale than the tokens.
         for anchor_scale in (scale, 1.0):
-            a = anchors if anchor_scale == scale else rows(4, 64, 1.0, dtype, seed=200 + i)
-            scores, cells = g2tr.anchor_scores(tokens, a, [(8, 8)], [(2, 2)], backend=backend)
+            a = anchors if anchor_scale == scale else rows(4, d, 1.0, dtype, seed=200 + i)
+            scores, cells = g2tr.anchor_scores(tokens.to(device), a.to(device), [(8, 8)], [(2, 2)], backend=backend)
+            scores, cells = scores.cpu(), cells.cpu()
             want = cosine64(tokens, a[cells])
             assert torch.isfinite(scores).all(), (scale, scores)
             err = (scores.double() - want).abs().max().item()
-            assert err <= 1e-6, f"{backend} {dtype} scale {scale:g} (anchors {anchor_scale:g}): error {err:.3g}"
+            assert err <= 1e-6, f"{backend} {dtype} D {d} scale {scale:g} (anchors {anchor_scale:g}): error {err:.3g}"
 
 
 def test_the_issue_case_gives_the_true_cosine():
     # Issue 8, point 5: all-NaN on cpu and all-zero on the reference before.
     torch.manual_seed(0)
     t, a = torch.randn(64, 64) * 1e20, torch.randn(4, 64) * 1e20
-    for backend in RUNNABLE:
-        scores, cells = g2tr.anchor_scores(t, a, [(8, 8)], [(2, 2)], backend=backend)
-        want = cosine64(t, a[cells])
-        assert (scores.double() - want).abs().max() <= 1e-6, backend
+    for backend, device in (p.values for p in BACKEND_DEVICES if not p.marks):
+        scores, cells = g2tr.anchor_scores(t.to(device), a.to(device), [(8, 8)], [(2, 2)], backend=backend)
+        want = cosine64(t, a[cells.cpu()])
+        assert (scores.cpu().double() - want).abs().max() <= 1e-6, (backend, device)
 
 
-@pytest.mark.parametrize("backend", RUNNABLE)
+@backend_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_merge_assignment_at_every_magnitude(backend, dtype):
+def test_merge_assignment_at_every_magnitude(backend, device, dtype):
     # Kept rows far apart: each dropped row is a small perturbation of exactly one of them,
     # so the float64 argmax is unambiguous. (Below |x| = eps = 1e-12 every cosine is ~0 by
     # F.normalize's definition, x / eps: nothing to assign there, see the score test.)
@@ -84,22 +79,24 @@ def test_merge_assignment_at_every_magnitude(backend, dtype):
         dropped = centres[pick] + 0.05 * torch.randn(24, 32, generator=gen, dtype=torch.float64)
         rows_ = torch.cat([centres, dropped])
         rows_ = rows_ / rows_.abs().amax(-1, keepdim=True)
-        tokens = (rows_ * scale).to(dtype)
-        keep = torch.arange(8)
+        tokens = (rows_ * scale).to(dtype).to(device)
+        keep = torch.arange(8, device=device)
         merged, assign = g2tr.merge(tokens, keep, [32], [8], backend=backend)
-        assert torch.equal(assign[8:], pick), (backend, scale, assign[8:], pick)
+        assert torch.equal(assign[8:].cpu(), pick), (backend, scale, assign[8:], pick)
         assert not torch.isnan(merged).any()
 
 
-@pytest.mark.parametrize("backend", RUNNABLE)
-def test_reduce_at_extreme_magnitude_keeps_what_unit_scale_keeps(backend):
+@backend_device
+def test_reduce_at_extreme_magnitude_keeps_what_unit_scale_keeps(backend, device):
     # Scaling every input by a power of two changes no cosine: the whole reduction keeps
     # the same tokens and assigns them alike, from 2^-30 to 2^124 (norms overflow fp32 from 2^63).
     gen = torch.Generator().manual_seed(3)
-    tokens, anchors = torch.randn(64, 48, generator=gen), torch.randn(16, 48, generator=gen)
+    tokens = torch.randn(64, 48, generator=gen).to(device)
+    anchors = torch.randn(16, 48, generator=gen).to(device)
     base = g2tr.reduce(tokens, anchors, [(8, 8)], [(4, 4)], 0.25, 4, backend=backend)
     for e in (60, 100, 124, -30):
-        out = g2tr.reduce(torch.ldexp(tokens, torch.tensor(e)), torch.ldexp(anchors, torch.tensor(e)),
+        out = g2tr.reduce(torch.ldexp(tokens, torch.tensor(e, device=device)),
+                          torch.ldexp(anchors, torch.tensor(e, device=device)),
                           [(8, 8)], [(4, 4)], 0.25, 4, backend=backend)
         assert torch.equal(out.keep_idx, base.keep_idx), (backend, e)
         assert torch.equal(out.assign, base.assign), (backend, e)
@@ -107,16 +104,17 @@ def test_reduce_at_extreme_magnitude_keeps_what_unit_scale_keeps(backend):
         assert not torch.isnan(out.merged).any()
 
 
-@pytest.mark.parametrize("backend", RUNNABLE)
-def test_normal_rows_are_bitwise_unchanged_by_an_extreme_neighbour(backend):
+@backend_device
+def test_normal_rows_are_bitwise_unchanged_by_an_extreme_neighbour(backend, device):
     # Rescaling is per row: an image holding one 1e30 token scores its other tokens exactly
     # as before.
     gen = torch.Generator().manual_seed(4)
-    tokens, anchors = torch.randn(16, 32, generator=gen), torch.randn(4, 32, generator=gen)
+    tokens = torch.randn(16, 32, generator=gen).to(device)
+    anchors = torch.randn(4, 32, generator=gen).to(device)
     before, _ = g2tr.anchor_scores(tokens, anchors, [(4, 4)], [(2, 2)], backend=backend)
     tokens[5] *= 1e30
     after, _ = g2tr.anchor_scores(tokens, anchors, [(4, 4)], [(2, 2)], backend=backend)
-    keep = torch.arange(16) != 5
+    keep = torch.arange(16, device=device) != 5
     assert torch.equal(after[keep], before[keep])
     assert math.isclose(after[5].item(), before[5].item(), abs_tol=1e-6)
 

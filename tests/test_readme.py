@@ -413,7 +413,9 @@ def check_command(command: str) -> None:
     if words[:1] == ["bash"]:
         script = ROOT / words[1]
         assert script.is_file(), f"{command}: {words[1]} does not exist"
-        if words[1] == "tools/bench.sh":  # passes its arguments to `g2tr bench`
+        if words[1] == "tools/bench.sh" and words[2:] == ["--results"]:  # its own mode
+            assert '"--results"' in script.read_text(), f"{command}: tools/bench.sh does not handle --results"
+        elif words[1] == "tools/bench.sh":  # passes its arguments to `g2tr bench`
             _parses(_bench_parser(), ["bench", *words[2:]])
         else:  # a shell script parses its own flags: each one shown must be one it handles
             source = script.read_text()

@@ -90,7 +90,7 @@ fi
 
 # The C++ CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: their ctest and
 # the Python tests that attack the raw ops, fuzz cases included (tools/sanitize.sh). Two
-# more builds of the kernels: behind a flag, see the README's "Reliability" section.
+# more builds of the kernels: behind a flag that .ci/run turns on (README "Reliability").
 if [ "${G2TR_SANITIZE:-0}" = "1" ]; then
   bash tools/sanitize.sh
 fi

@@ -17,7 +17,7 @@ void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& 
                   float* inv_norms, float* pow2s) {
   // The anchor's norm is summed beside the dot product (the anchor row is read anyway), so
   // anchors no token falls on (anchor grids finer than the ViT grid) cost nothing.
-  at::parallel_for(0, im.tokens_begin.back(), 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(im.tokens_begin.front(), im.tokens_begin.back(), 16, [&](int64_t begin, int64_t end) {
     // The image of the first token of this chunk; later tokens move forward from it.
     int64_t b = std::upper_bound(im.tokens_begin.begin(), im.tokens_begin.end(), begin) - im.tokens_begin.begin() - 1;
     for (int64_t i = begin; i < end; ++i) {

@@ -19,6 +19,11 @@ void score_tokens(const T* tokens, const T* anchors, int64_t dim, const Images& 
 void select_tokens(const float* scores, const int64_t* cells, const Images& im, const int64_t* cell_counts,
                    const int64_t* cell_quotas, int64_t* keep_idx);
 
+// Whether the images are too small to keep every thread busy one at a time (S1: 16 tiles
+// of 256 tokens), so the merge, and the whole of reduce, runs one image per task instead
+// (on one thread too: reduce then takes each image through all stages while it is cached).
+bool spread_images(const Images& im, int64_t dim);
+
 // Merged rows and assignment of every image. inv_norms and pow2s (score_tokens) may be
 // null together (computed here).
 template <typename T>

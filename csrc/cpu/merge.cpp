@@ -258,15 +258,19 @@ void merge_image(MergePath path, const T* tokens, int64_t dim, const Images& im,
 
 }  // namespace
 
+bool spread_images(const Images& im, int64_t dim) {
+  int64_t largest_work = 0;
+  for (int64_t b = 0; b < im.count(); ++b)
+    largest_work = std::max(largest_work, (im.length(b) - im.kept(b)) * im.kept(b) * dim);
+  return im.count() > 1 && largest_work <= kSmallImageWork;
+}
+
 template <typename T>
 void merge_tokens(const T* tokens, int64_t dim, const Images& im, const int64_t* keep_idx, double merge_weight,
                   const float* inv_norms, const float* pow2s, T* merged, int64_t* assign) {
   const float lambda = static_cast<float>(merge_weight);
   const MergePath path = merge_path_for(c10::CppTypeToScalarType<T>::value).path;
-  int64_t largest_work = 0;
-  for (int64_t b = 0; b < im.count(); ++b)
-    largest_work = std::max(largest_work, (im.length(b) - im.kept(b)) * im.kept(b) * dim);
-  if (im.count() > 1 && at::get_num_threads() > 1 && largest_work <= kSmallImageWork) {
+  if (spread_images(im, dim)) {
     at::parallel_for(0, im.count(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
         merge_image(path, tokens, dim, im, b, keep_idx, lambda, inv_norms, pow2s, merged, assign);

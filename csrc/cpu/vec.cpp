@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define G2TR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -43,7 +44,26 @@ G2TR_INLINE void narrow(c10::BFloat16* out, float x) {
 }
 G2TR_INLINE void narrow(c10::Half* out, float x) { *out = c10::Half(x); }
 
-G2TR_INLINE float tree_sum(float* acc) {
+// The kLanes partial sums as one vector value: written lane-wise in scalar form, GCC
+// vectorised the float dot over the outer loop, with a transpose (1,351 permutes) per
+// step of 16, at a third of the bf16 kernel's speed. Vector arithmetic is lane-wise and
+// no FMA is formed, so every lane is summed exactly as the scalar loop sums it.
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+template <typename T>
+G2TR_INLINE Lanes load_lanes(const T* x) {
+  Lanes v;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v, x, sizeof(v));
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = widen(x[l]);
+  }
+  return v;
+}
+
+G2TR_INLINE float tree_sum(Lanes v) {
+  float acc[kLanes];
+  std::memcpy(acc, &v, sizeof(acc));
   for (int s = kLanes / 2; s > 0; s /= 2)
     for (int l = 0; l < s; ++l) acc[l] += acc[l + s];
   return acc[0];
@@ -54,16 +74,14 @@ G2TR_INLINE float tree_sum(float* acc) {
 template <bool Scaled, typename T>
 G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float px, float py, float* dot, float* x_sumsq,
                                      float* y_sumsq) {
-  float acc_dot[kLanes] = {0}, acc_xx[kLanes] = {0}, acc_yy[kLanes] = {0};
+  Lanes acc_dot = {}, acc_xx = {}, acc_yy = {};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      float a = widen(x[i + l]), b = widen(y[i + l]);
-      if constexpr (Scaled) a *= px, b *= py;
-      acc_dot[l] += a * b;
-      acc_xx[l] += a * a;
-      acc_yy[l] += b * b;
-    }
+    Lanes a = load_lanes(x + i), b = load_lanes(y + i);
+    if constexpr (Scaled) a *= px, b *= py;
+    acc_dot += a * b;
+    acc_xx += a * a;
+    acc_yy += b * b;
   }
   for (int l = 0; i < d; ++i, ++l) {
     float a = widen(x[i]), b = widen(y[i]);
@@ -79,14 +97,13 @@ G2TR_INLINE void dot_and_sumsqs_impl(const T* x, const T* y, int64_t d, float px
 
 template <bool Scaled, typename T>
 G2TR_INLINE float sumsq_impl(const T* x, int64_t d, float px) {
-  float acc[kLanes] = {0};
+  Lanes acc = {};
   int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      float a = widen(x[i + l]);
-      if constexpr (Scaled) a *= px;
-      acc[l] += a * a;
-    }
+  for (; i + kLanes <= d; i += kLanes) {
+    Lanes a = load_lanes(x + i);
+    if constexpr (Scaled) a *= px;
+    acc += a * a;
+  }
   for (int l = 0; i < d; ++i, ++l) {
     float a = widen(x[i]);
     if constexpr (Scaled) a *= px;

@@ -12,7 +12,7 @@
 namespace g2tr::cuda {
 
 void launch_score_tokens(const at::Tensor& tokens, const at::Tensor* anchors, const Images& im, float* scores,
-                         int64_t* cells, float* inv_norms) {
+                         int64_t* cells, float* inv_norms, float* pow2s) {
   const int64_t dim = tokens.size(1);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   G2TR_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "g2tr_score_tokens", [&] {
@@ -24,10 +24,10 @@ void launch_score_tokens(const at::Tensor& tokens, const at::Tensor* anchors, co
       const dim3 grid((max_length(table) + kScoreWarps - 1) / kScoreWarps, table.count);
       if (a != nullptr) {
         score_tokens_kernel<T, true>
-            <<<grid, kScoreThreads, 0, stream>>>(x, a, dim, vectorized, table, scores, cells, inv_norms);
+            <<<grid, kScoreThreads, 0, stream>>>(x, a, dim, vectorized, table, scores, cells, inv_norms, pow2s);
       } else {
-        score_tokens_kernel<T, false>
-            <<<grid, kScoreThreads, 0, stream>>>(x, nullptr, dim, vectorized, table, nullptr, nullptr, inv_norms);
+        score_tokens_kernel<T, false><<<grid, kScoreThreads, 0, stream>>>(x, nullptr, dim, vectorized, table, nullptr,
+                                                                          nullptr, inv_norms, pow2s);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_scores_cuda(const at::Tensor& tokens_i
   auto scores = at::empty({tokens.size(0)}, tokens.options().dtype(at::kFloat));
   auto cells = at::empty({tokens.size(0)}, tokens.options().dtype(at::kLong));
   if (tokens.size(0) > 0)
-    launch_score_tokens(tokens, &anchors, im, scores.data_ptr<float>(), cells.data_ptr<int64_t>(), nullptr);
+    launch_score_tokens(tokens, &anchors, im, scores.data_ptr<float>(), cells.data_ptr<int64_t>(), nullptr, nullptr);
   return {scores, cells};
 }
 

@@ -92,10 +92,11 @@ inline int max_kept(const ImageTable& t) {
   return m;
 }
 
-// anchor_scores.cu. With anchors: scores, cells and (when not null) inv_norms of every
-// token; without (nullptr): inv_norms only.
+// anchor_scores.cu. With anchors: scores, cells and (when not null) inv_norms and pow2s of
+// every token; without (nullptr): inv_norms and pow2s only. pow2s: the exact power of two
+// each row entered its norm scaled by (common.h cosine_pow2; 1 for normal rows).
 void launch_score_tokens(const at::Tensor& tokens, const at::Tensor* anchors, const Images& im, float* scores,
-                         int64_t* cells, float* inv_norms);
+                         int64_t* cells, float* inv_norms, float* pow2s);
 
 // balanced_topk.cu. The host-side refusal of images larger than one block can sort.
 void check_select_capacity(const char* op, const Images& im);
@@ -104,8 +105,9 @@ void check_select_capacity(const char* op, const Images& im);
 void launch_select_tokens(const float* scores, const int64_t* cells, const Images& im, c10::IntArrayRef cell_counts,
                           c10::IntArrayRef quotas, int64_t* keep_idx, int32_t* cu_seqlens);
 
-// merge.cu. inv_norms may be null (computed here). merged [K_total, D] and assign [N].
+// merge.cu. inv_norms and pow2s (launch_score_tokens) may be null (computed here). merged
+// [K_total, D] and assign [N].
 void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64_t* keep_idx, double merge_weight,
-                         const float* inv_norms, at::Tensor& merged, int64_t* assign);
+                         const float* inv_norms, const float* pow2s, at::Tensor& merged, int64_t* assign);
 
 }  // namespace g2tr::cuda

@@ -43,7 +43,8 @@ int work_list(const ImageTable& t, int block_rows, int block_cols, int splits, A
 
 template <bool kBf16>
 void launch_assign_mma(const at::Tensor& tokens, const std::vector<ImageTable>& tables, const int64_t* keep_idx,
-                       const float* inv_norms, int splits, AssignPartials partials, cudaStream_t stream) {
+                       const float* inv_norms, const float* pow2s, int splits, AssignPartials partials,
+                       cudaStream_t stream) {
   const int64_t dim = tokens.size(1);
   const auto* x = reinterpret_cast<const uint16_t*>(tokens.const_data_ptr());
   const bool vectorized = vectorizable(dim, 2, x);
@@ -55,13 +56,14 @@ void launch_assign_mma(const at::Tensor& tokens, const std::vector<ImageTable>& 
     const int grid = work_list(table, mma::kBlockRows, mma::kBlockCols, splits, &blocks);
     if (grid == 0) continue;
     assign_mma_kernel<kBf16><<<grid, mma::kThreads, mma::kSmemBytes, stream>>>(x, dim, vectorized, keep_idx, inv_norms,
-                                                                               table, blocks, splits, partials);
+                                                                               pow2s, table, blocks, splits, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 void launch_assign_fma(const at::Tensor& tokens, const std::vector<ImageTable>& tables, const int64_t* keep_idx,
-                       const float* inv_norms, int splits, AssignPartials partials, cudaStream_t stream) {
+                       const float* inv_norms, const float* pow2s, int splits, AssignPartials partials,
+                       cudaStream_t stream) {
   const int64_t dim = tokens.size(1);
   const float* x = tokens.const_data_ptr<float>();
   const bool vectorized = vectorizable(dim, sizeof(float), x);
@@ -69,7 +71,7 @@ void launch_assign_fma(const at::Tensor& tokens, const std::vector<ImageTable>& 
     AssignBlocks blocks;
     const int grid = work_list(table, fma::kBlockRows, fma::kBlockCols, splits, &blocks);
     if (grid == 0) continue;
-    assign_fma_kernel<<<grid, fma::kThreads, 0, stream>>>(x, dim, vectorized, keep_idx, inv_norms, table, blocks,
+    assign_fma_kernel<<<grid, fma::kThreads, 0, stream>>>(x, dim, vectorized, keep_idx, inv_norms, pow2s, table, blocks,
                                                           splits, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -78,15 +80,16 @@ void launch_assign_fma(const at::Tensor& tokens, const std::vector<ImageTable>& 
 }  // namespace
 
 void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64_t* keep_idx, double merge_weight,
-                         const float* inv_norms, at::Tensor& merged, int64_t* assign) {
+                         const float* inv_norms, const float* pow2s, at::Tensor& merged, int64_t* assign) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t n = tokens.size(0), dim = tokens.size(1), k = im.kept_begin.back(), dropped = n - k;
   const auto int_options = tokens.options().dtype(at::kInt);
   at::Tensor norms;
-  if (inv_norms == nullptr) {
-    norms = at::empty({n}, tokens.options().dtype(at::kFloat));
-    launch_score_tokens(tokens, nullptr, im, nullptr, nullptr, norms.data_ptr<float>());
+  if (inv_norms == nullptr) {  // [0, n): inv_norms, [n, 2n): pow2s
+    norms = at::empty({2 * n}, tokens.options().dtype(at::kFloat));
+    launch_score_tokens(tokens, nullptr, im, nullptr, nullptr, norms.data_ptr<float>(), norms.data_ptr<float>() + n);
     inv_norms = norms.const_data_ptr<float>();
+    pow2s = inv_norms + n;
   }
   const std::vector<ImageTable> tables = image_tables(im);
   const bool fp32 = tokens.scalar_type() == at::kFloat;
@@ -104,13 +107,13 @@ void launch_merge_tokens(const at::Tensor& tokens, const Images& im, const int64
     partials.index = part_index.data_ptr<int>();
     switch (tokens.scalar_type()) {
       case at::kFloat:
-        launch_assign_fma(tokens, tables, keep_idx, inv_norms, splits, partials, stream);
+        launch_assign_fma(tokens, tables, keep_idx, inv_norms, pow2s, splits, partials, stream);
         break;
       case at::kBFloat16:
-        launch_assign_mma<true>(tokens, tables, keep_idx, inv_norms, splits, partials, stream);
+        launch_assign_mma<true>(tokens, tables, keep_idx, inv_norms, pow2s, splits, partials, stream);
         break;
       case at::kHalf:
-        launch_assign_mma<false>(tokens, tables, keep_idx, inv_norms, splits, partials, stream);
+        launch_assign_mma<false>(tokens, tables, keep_idx, inv_norms, pow2s, splits, partials, stream);
         break;
       default:
         TORCH_CHECK_TYPE(false, "g2tr merge: unsupported dtype ", tokens.scalar_type());
@@ -157,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& tokens_in, const
   auto merged = at::empty({im.kept_begin.back(), tokens.size(1)}, tokens.options());
   auto assign = at::empty({tokens.size(0)}, keep_idx.options());
   if (im.count() > 0)
-    launch_merge_tokens(tokens, im, keep_idx.const_data_ptr<int64_t>(), merge_weight, nullptr, merged,
+    launch_merge_tokens(tokens, im, keep_idx.const_data_ptr<int64_t>(), merge_weight, nullptr, nullptr, merged,
                         assign.data_ptr<int64_t>());
   return {merged, assign};
 }

@@ -30,15 +30,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_cu
   if (im.count() == 0) return {merged, keep_idx, at::zeros({1}, options.dtype(at::kInt)), scores, assign};
   auto cu_seqlens = at::empty({im.count() + 1}, options.dtype(at::kInt));
   auto cells = at::empty({n}, options.dtype(at::kLong));
-  auto inv_norms = at::empty({n}, options.dtype(at::kFloat));
+  auto inv_norms = at::empty({n}, options.dtype(at::kFloat)), pow2s = at::empty({n}, options.dtype(at::kFloat));
   std::vector<int64_t> cell_counts(im.count()), quotas(im.count(), 1);
   for (int64_t b = 0; b < im.count(); ++b) cell_counts[b] = im.cells(b);
   launch_score_tokens(tokens, &anchors, im, scores.data_ptr<float>(), cells.data_ptr<int64_t>(),
-                      inv_norms.data_ptr<float>());
+                      inv_norms.data_ptr<float>(), pow2s.data_ptr<float>());
   launch_select_tokens(scores.const_data_ptr<float>(), cells.const_data_ptr<int64_t>(), im, cell_counts, quotas,
                        keep_idx.data_ptr<int64_t>(), cu_seqlens.data_ptr<int32_t>());
   launch_merge_tokens(tokens, im, keep_idx.const_data_ptr<int64_t>(), merge_weight, inv_norms.const_data_ptr<float>(),
-                      merged, assign.data_ptr<int64_t>());
+                      pow2s.const_data_ptr<float>(), merged, assign.data_ptr<int64_t>());
   return {merged, keep_idx, cu_seqlens, scores, assign};
 }
 

@@ -38,8 +38,10 @@ or None), with defaults:
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -428,10 +430,28 @@ def main() -> None:  # python -m g2tr_kernels.bench.e2e
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    parser.add_argument("--out", metavar="DIR", help="also write e2e.md and e2e.json here, with the command, the "
+                        "load average at start and end and the wall time")
     args = parser.parse_args()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    start = time.perf_counter()
     result = run_e2e(args)
-    print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1, default=str) if args.json
-          else result["markdown"])
+    wall = time.perf_counter() - start
+    as_json = json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1, default=str)
+    print(as_json if args.json else result["markdown"])
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        command = "python -m g2tr_kernels.bench.e2e " + " ".join(sys.argv[1:])
+        load = ""
+        if load_start is not None:
+            load = (f"Load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in load_start)}; at end: "
+                    f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} logical CPUs. ")
+        header = f"# g2tr e2e\n\nCommand: `{command}`.\n\n{load}Wall time of the whole run {wall:.0f} s.\n\n"
+        with open(os.path.join(args.out, "e2e.md"), "w") as f:
+            f.write(header + result["markdown"] + "\n")
+        with open(os.path.join(args.out, "e2e.json"), "w") as f:
+            f.write(as_json + "\n")
+        print(f"wrote {os.path.join(args.out, 'e2e.md')} and e2e.json", file=sys.stderr)
 
 
 if __name__ == "__main__":

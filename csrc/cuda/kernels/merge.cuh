@@ -3,7 +3,9 @@
 // 1. assign: for tiles of dropped rows x kept rows of the same image, the dot products
 //    reduced straight into a running argmax of
 //        value(j, k) = (dot_fp32(v_j, v_k) * inv_norm[k]) * inv_norm[j]
-//    (the CPU's expression and order, no FMA contraction). Nothing of size (N-K) x K is
+//    (the CPU's expression and order, no FMA contraction; a row of extreme magnitude enters
+//    the dot scaled by the exact power of two of its norm, common.h cosine_pow2, so no
+//    product overflows or underflows). Nothing of size (N-K) x K is
 //    stored: each block keeps its best per dropped row in registers and writes one
 //    (value, index) per row and column split. bf16/fp16 run on tensor cores
 //    (mma.sync m16n8k16: exact products, fp32 accumulation); fp32 runs a plain FMA tiling,
@@ -72,20 +74,25 @@ __device__ __forceinline__ AssignWork assign_work(const ImageTable& table, const
   return a;
 }
 
-// Local token (-1 past the image's dropped rows) and inv_norm of the block's dropped rows
-// [row0, row0 + kRows), written to shared memory by the first kRows threads; every thread
-// of the block must call it (it ends with a barrier).
+// Local token (-1 past the image's dropped rows), inv_norm and pow2 of the block's dropped
+// rows [row0, row0 + kRows), written to shared memory by the first kRows threads; every
+// thread of the block must call it (it ends with a barrier). Returns, on every thread,
+// whether any of these rows is rescaled (pow2 != 1).
 template <int kRows>
-__device__ __forceinline__ void load_dropped_rows(const int64_t* keep_idx, const float* inv_norms, const ImageSpan& im,
-                                                  int row0, int* a_token, float* a_inv) {
+__device__ __forceinline__ bool load_dropped_rows(const int64_t* keep_idx, const float* inv_norms, const float* pow2s,
+                                                  const ImageSpan& im, int row0, int* a_token, float* a_inv,
+                                                  float* a_pow2) {
   const int tid = threadIdx.x;
+  bool scaled = false;
   if (tid < kRows) {
     const int d = row0 + tid;
     const int t = d < im.dropped() ? dropped_token(keep_idx, im, d) : -1;
     a_token[tid] = t;
     a_inv[tid] = t >= 0 ? inv_norms[im.first + t] : 0.0f;
+    a_pow2[tid] = t >= 0 ? pow2s[im.first + t] : 1.0f;
+    scaled = a_pow2[tid] != 1.0f;
   }
-  __syncthreads();
+  return __syncthreads_or(scaled) != 0;
 }
 
 // ---------------------------------------------------------------- stage 1, tensor cores
@@ -134,6 +141,31 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// Multiplies the rows of a loaded stage by their powers of two (the loader's chunks of this
+// thread). Exact: a power of two times a bf16/fp16 value is representable (fp16 rows never
+// need it: their sums of squares cannot leave [2^-100, 2^100] unless zero).
+template <bool kBf16>
+__device__ __forceinline__ void scale_stage(uint16_t* stage, const float* a_pow2, const float* b_pow2) {
+  using namespace mma;
+  const int tid = threadIdx.x, chunk = (tid % 4) * 8;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = tid / 4 + 64 * i;
+    uint16_t* pa = stage + r * kPitch + chunk;
+    uint16_t* pb = stage + (kBlockRows + r) * kPitch + chunk;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if constexpr (kBf16) {
+        pa[e] = __bfloat16_as_ushort(__float2bfloat16_rn(__bfloat162float(__ushort_as_bfloat16(pa[e])) * a_pow2[r]));
+        pb[e] = __bfloat16_as_ushort(__float2bfloat16_rn(__bfloat162float(__ushort_as_bfloat16(pb[e])) * b_pow2[r]));
+      } else {
+        pa[e] = __half_as_ushort(__float2half_rn(__half2float(__ushort_as_half(pa[e])) * a_pow2[r]));
+        pb[e] = __half_as_ushort(__float2half_rn(__half2float(__ushort_as_half(pb[e])) * b_pow2[r]));
+      }
+    }
+  }
+}
+
 // Grid: x = the launch's work list (AssignBlocks): one block per tile of 128 dropped rows and
 // column split of an image, every one with work. tokens are 16-bit values (bf16 when kBf16,
 // else fp16), moved as raw bits.
@@ -142,14 +174,15 @@ template <bool kBf16>
 __global__ void __launch_bounds__(mma::kThreads)
     assign_mma_kernel(const uint16_t* __restrict__ tokens, int64_t dim, bool vectorized,
                       const int64_t* __restrict__ keep_idx, const float* __restrict__ inv_norms,
-                      const __grid_constant__ ImageTable table, const __grid_constant__ AssignBlocks blocks, int splits,
-                      AssignPartials partials) {
+                      const float* __restrict__ pow2s, const __grid_constant__ ImageTable table,
+                      const __grid_constant__ AssignBlocks blocks, int splits, AssignPartials partials) {
   using namespace mma;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* pipe = reinterpret_cast<uint16_t*>(smem_raw);
   __shared__ int a_token[kBlockRows];  // local token of each dropped row of the tile, -1 past the end
   __shared__ float a_inv[kBlockRows];
-  __shared__ float b_inv[kBlockCols];  // inv_norm of the kept rows of the current column tile
+  __shared__ float b_inv[kBlockCols];                       // inv_norm of the kept rows of the current column tile
+  __shared__ float a_pow2[kBlockRows], b_pow2[kBlockCols];  // their cosine_pow2 (1 for normal rows)
 
   const AssignWork work = assign_work<kBlockRows, kBlockCols>(table, blocks, splits);
   const ImageSpan& im = work.im;
@@ -161,7 +194,14 @@ __global__ void __launch_bounds__(mma::kThreads)
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
-  load_dropped_rows<kBlockRows>(keep_idx, inv_norms, im, row0, a_token, a_inv);
+  bool scaled = load_dropped_rows<kBlockRows>(keep_idx, inv_norms, pow2s, im, row0, a_token, a_inv, a_pow2);
+  {  // Rare (extreme magnitudes): if any row of the block or kept row of its columns is
+     // rescaled, every stage is scaled in shared memory before its products (below).
+    bool cols_scaled = false;
+    for (int col = ct_begin * kBlockCols + tid; col < min(ct_end * kBlockCols, im.kept); col += kThreads)
+      cols_scaled |= pow2s[im.first + kept_token(keep_idx, im, col)] != 1.0f;
+    scaled = __syncthreads_or(scaled || cols_scaled) != 0;
+  }
 
   // Loader: thread copies 16-byte chunk (tid % 4) of rows tid / 4 and tid / 4 + 64 of both tiles.
   const int chunk = (tid % 4) * 8;
@@ -242,7 +282,14 @@ __global__ void __launch_bounds__(mma::kThreads)
     cp_async_commit();
     if (kt == 0 && tid < kBlockCols) {
       const int col = ct * kBlockCols + tid;
-      b_inv[tid] = col < im.kept ? inv_norms[im.first + kept_token(keep_idx, im, col)] : 0.0f;
+      const int t = col < im.kept ? kept_token(keep_idx, im, col) : -1;
+      b_inv[tid] = t >= 0 ? inv_norms[im.first + t] : 0.0f;
+      b_pow2[tid] = t >= 0 ? pow2s[im.first + t] : 1.0f;
+    }
+    if (scaled) {
+      __syncthreads();  // b_pow2 of this tile is visible
+      scale_stage<kBf16>(pipe + (it % kStages) * kStageElems, a_pow2, b_pow2);
+      __syncthreads();
     }
 
     const uint16_t* sa = pipe + (it % kStages) * kStageElems;
@@ -348,14 +395,15 @@ static_assert(kBlockRows * kBlockDepth == 4 * kThreads, "four features per threa
 __global__ void __launch_bounds__(fma::kThreads)
     assign_fma_kernel(const float* __restrict__ tokens, int64_t dim, bool vectorized,
                       const int64_t* __restrict__ keep_idx, const float* __restrict__ inv_norms,
-                      const __grid_constant__ ImageTable table, const __grid_constant__ AssignBlocks blocks, int splits,
-                      AssignPartials partials) {
+                      const float* __restrict__ pow2s, const __grid_constant__ ImageTable table,
+                      const __grid_constant__ AssignBlocks blocks, int splits, AssignPartials partials) {
   using namespace fma;
   __shared__ __align__(16) float sa[2][kBlockDepth][kPitch];  // transposed: [feature][row]
   __shared__ __align__(16) float sb[2][kBlockDepth][kPitch];
   __shared__ int a_token[kBlockRows];
   __shared__ float a_inv[kBlockRows];
   __shared__ float b_inv[kBlockCols];
+  __shared__ float a_pow2[kBlockRows];
 
   const AssignWork work = assign_work<kBlockRows, kBlockCols>(table, blocks, splits);
   const ImageSpan& im = work.im;
@@ -365,11 +413,14 @@ __global__ void __launch_bounds__(fma::kThreads)
   const int k_tiles = max(1, static_cast<int>((dim + kBlockDepth - 1) / kBlockDepth));
   const int total = (ct_end - ct_begin) * k_tiles;
 
-  load_dropped_rows<kBlockRows>(keep_idx, inv_norms, im, row0, a_token, a_inv);
+  load_dropped_rows<kBlockRows>(keep_idx, inv_norms, pow2s, im, row0, a_token, a_inv, a_pow2);
 
-  // Loader: row tid / 4 of both tiles, features (tid % 4) * 4 .. + 3.
+  // Loader: row tid / 4 of both tiles, features (tid % 4) * 4 .. + 3, each times its row's
+  // power of two (1 for normal rows: no multiply).
   const int load_row = tid / 4, load_f = (tid % 4) * 4;
   const int a_t = a_token[load_row];
+  const float a_p = a_pow2[load_row];
+  float b_p = 1.0f;
   const float* a_src = tokens + (static_cast<int64_t>(im.first) + max(a_t, 0)) * dim;
   const float* b_src = tokens;
   bool b_ok = false;
@@ -377,7 +428,9 @@ __global__ void __launch_bounds__(fma::kThreads)
   auto point_b = [&](int ct) {
     const int col = ct * kBlockCols + load_row;
     b_ok = col < im.kept;
-    b_src = tokens + (static_cast<int64_t>(im.first) + (b_ok ? kept_token(keep_idx, im, col) : 0)) * dim;
+    const int t = b_ok ? kept_token(keep_idx, im, col) : 0;
+    b_src = tokens + (static_cast<int64_t>(im.first) + t) * dim;
+    b_p = b_ok ? pow2s[im.first + t] : 1.0f;
   };
   if (total > 0) point_b(load_ct);
   float ra[4], rb[4];
@@ -396,6 +449,12 @@ __global__ void __launch_bounds__(fma::kThreads)
         rb[e] = b_ok && f + e < dim ? b_src[f + e] : 0.0f;
       }
     }
+    if (a_p != 1.0f)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ra[e] *= a_p;
+    if (b_p != 1.0f)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) rb[e] *= b_p;
     if (++load_kt == k_tiles) {
       load_kt = 0;
       if (++load_ct < ct_end) point_b(load_ct);
