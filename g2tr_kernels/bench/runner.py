@@ -269,29 +269,31 @@ def floor_case(workload: Workload, keep_ratio: float, min_keep: int, device: tor
 
     Two floors are timed, fp32 (MKL sgemm on the CPU) and bf16 (oneDNN on the CPU, fp32
     accumulation); "/ floor" is against the faster, whichever engine that is on this machine.
-    Operands are made once per distinct shape; products whose output exceeds
-    max_out_bytes are done in row blocks into one reused buffer (the same FLOPs).
+    Each image gets operands of its own, as reduce reads each image's own rows: with one
+    pair per distinct shape, S1's 16 products re-read one cache-hot pair instead of 16
+    images' data. Products whose output exceeds max_out_bytes are done in row blocks into
+    one reused buffer per shape (the same FLOPs).
     """
     gen = torch.Generator().manual_seed(0)
     shapes = [(n - k, k) for n, k in zip(workload.lengths, workload.budgets(keep_ratio, min_keep))]
     d = workload.dim
     size = torch.empty((), dtype=dtype).element_size()
-    operands = {}
-    for rows, k in set(shapes):
+    outputs = {}
+    operands = []
+    for rows, k in shapes:
         if rows == 0 or k == 0:
             continue
-        block = max(1, min(rows, max_out_bytes // (size * k)))
-        operands[(rows, k)] = (
+        if (rows, k) not in outputs:
+            block = max(1, min(rows, max_out_bytes // (size * k)))
+            outputs[(rows, k)] = torch.empty(block, k, device=device, dtype=dtype)
+        operands.append((
             torch.randn(rows, d, generator=gen).to(device=device, dtype=dtype),
             torch.randn(d, k, generator=gen).to(device=device, dtype=dtype),
-            torch.empty(block, k, device=device, dtype=dtype),
-        )
+            outputs[(rows, k)],
+        ))
 
     def run():
-        for shape in shapes:
-            if shape not in operands:
-                continue
-            a, b, out = operands[shape]
+        for a, b, out in operands:
             block = out.shape[0]
             for r0 in range(0, a.shape[0], block):
                 r1 = min(a.shape[0], r0 + block)
