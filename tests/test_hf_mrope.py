@@ -150,13 +150,21 @@ def _reduced(case, image, pixels, thw):
     return encoded, out.keep_idx, h * w
 
 
+def _first_turn_with_g2tr(case, ids1, thw, pixels, keep_ratio):
+    """Turn 1 through apply_g2tr and generate, image 0 with its VAE image: (handle, output)."""
+    handle = apply_g2tr(case.model, case.model_vae, keep_ratio=keep_ratio, min_keep=1, pool=case.pool)
+    first, _ = _generate(case.model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
+                         vae_pixel_values=case.vae_images[:1])
+    return handle, first
+
+
 TWO_TURNS = ["glm4v", "qwen3_5", "qwen3_vl"]  # qwen3_vl: deepstack features of the new image only
 
 
 @pytest.mark.parametrize("name", TWO_TURNS)
 def test_second_turn_image_on_the_cache_keep_all_is_the_plain_model(name):
     case = build(name)
-    model, vae = case.model, case.model_vae
+    model = case.model
     ids1, thw, pixels = _turns(case)
     with torch.no_grad():
         # plain transformers runs this case from the new image's encoder output and every grid
@@ -165,9 +173,7 @@ def test_second_turn_image_on_the_cache_keep_all_is_the_plain_model(name):
         new = model.get_image_features(pixel_values=pixels[64:], image_grid_thw=thw[1:], return_dict=True)
         ref, ref_logits = _generate(model, ids2, mm_encoder_outputs={"image": new}, image_grid_thw=thw,
                                     past_key_values=first.past_key_values)
-        apply_g2tr(model, vae, keep_ratio=1.0, min_keep=1, pool=case.pool)
-        first, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
-                             vae_pixel_values=case.vae_images[:1])
+        _, first = _first_turn_with_g2tr(case, ids1, thw, pixels, 1.0)
         assert torch.equal(first.sequences, ids2[:, : first.sequences.shape[1]])
         # the processor's pixel_values of the whole conversation; VAE images of the new image
         out, logits = _generate(model, ids2, pixel_values=pixels, image_grid_thw=thw,
@@ -196,16 +202,14 @@ def test_a_text_turn_on_a_reduced_cache_matches_the_conversation_reduced_by_hand
     # the conversation as generate returned it (unreduced) continues a cache that holds it
     # reduced: generate must feed exactly the new tokens, at positions after the reduced prompt
     case = build(name)
-    model, vae = case.model, case.model_vae
+    model = case.model
     ids1, thw, pixels = _turns(case)
     text = torch.tensor([[9, 10, 11]])
     with torch.no_grad():
         r1, first_ref, _, _ = _first_turn_by_hand(case, ids1, thw, pixels)
         r2 = torch.cat([first_ref.sequences, text], 1)
         ref, ref_logits = _generate(model, r2, image_grid_thw=thw[:1], past_key_values=first_ref.past_key_values)
-        apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
-        first, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
-                             vae_pixel_values=case.vae_images[:1])
+        _, first = _first_turn_with_g2tr(case, ids1, thw, pixels, 0.5)
         ids2 = torch.cat([first.sequences, text], 1)
         out, logits = _generate(model, ids2, image_grid_thw=thw[:1], past_key_values=first.past_key_values)
     assert torch.equal(first.sequences[:, ids1.shape[1]:], first_ref.sequences[:, r1.shape[1]:])
@@ -217,7 +221,7 @@ def test_a_text_turn_on_a_reduced_cache_matches_the_conversation_reduced_by_hand
 @pytest.mark.parametrize("name", TWO_TURNS)
 def test_second_turn_image_on_the_cache_half_matches_the_conversation_reduced_by_hand(name):
     case = build(name)
-    model, vae = case.model, case.model_vae
+    model = case.model
     ids1, thw, pixels = _turns(case)
     with torch.no_grad():
         # by hand: turn 1 reduced, generated, cached; turn 2 = the whole conversation at the kept
@@ -232,9 +236,7 @@ def test_second_turn_image_on_the_cache_half_matches_the_conversation_reduced_by
         ref, ref_logits = _generate(model, r2, mm_encoder_outputs={"image": enc2}, image_grid_thw=thw,
                                     position_ids=_with_text_row(take(pos2, cols2)),
                                     past_key_values=first_ref.past_key_values)
-        handle = apply_g2tr(model, vae, keep_ratio=0.5, min_keep=1, pool=case.pool)
-        first, _ = _generate(model, ids1, pixel_values=pixels[:64], image_grid_thw=thw[:1],
-                             vae_pixel_values=case.vae_images[:1])
+        handle, first = _first_turn_with_g2tr(case, ids1, thw, pixels, 0.5)
         assert torch.equal(first.sequences, ids2[:, : first.sequences.shape[1]])  # the prompt comes back
         seen, hook = lm_lengths(model)
         out, logits = _generate(model, ids2, pixel_values=pixels, image_grid_thw=thw,

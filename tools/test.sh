@@ -10,7 +10,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
+# Disk: what the tree holds and what the file system has left, after each heavy step, so a
+# run that fills the disk says where (a whole run peaks at about 12 GB in the tree with
+# G2TR_PRUNE=1, which .ci/run sets: each venv of the torch matrix, the wheel check's venv
+# and .venv-vllm go as soon as their tests passed).
+disk() {
+  echo "test.sh: disk after $1: tree $(du -sh . 2>/dev/null | cut -f1), $(df -Ph . | awk 'NR == 2 {print $4}') free"
+}
+disk "nothing (start)"
 bash tools/setup.sh
+disk "the build"
 PY="$VENV/bin/python"
 # Lint first (seconds): ruff and clang-format as configured in pyproject.toml / .clang-format.
 bash tools/lint.sh
@@ -56,6 +65,7 @@ G2TR_PYTHON="$PY" bash tools/gpu_check.sh --dry-run
 if [ "${G2TR_TORCH_MATRIX:-0}" = 1 ]; then
   G2TR_VENV="$VENV" bash tools/torch_matrix.sh
 fi
+disk "the GPU-readiness checks and the torch matrix"
 
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -75,6 +85,7 @@ NVRTC="$(ls "$SITE"/nvidia/cu*/lib/libnvrtc.so* 2>/dev/null | head -n 1 || true)
 # outside the clone; reuses the extension built above, no second compile (224 s measured on
 # 2 cores at load average ~16).
 bash tools/wheel_check.sh
+disk "the wheel check"
 
 # vLLM serving (issue 13): vLLM for the CPU and this package in .venv-vllm (tools/vllm_env.sh,
 # idempotent), then tests/vllm there. -P: the copy installed in that venv (with the
@@ -87,6 +98,8 @@ if [ "$rc" -eq 5 ]; then
   exit 1
 fi
 [ "$rc" -eq 0 ] || exit "$rc"
+disk "the vLLM tests"
+if [ "${G2TR_PRUNE:-0}" = 1 ]; then rm -rf "${G2TR_VLLM_VENV:-.venv-vllm}"; fi
 
 # The C++ CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: their ctest and
 # the Python tests that attack the raw ops, fuzz cases included (tools/sanitize.sh). Two
@@ -94,3 +107,4 @@ fi
 if [ "${G2TR_SANITIZE:-0}" = "1" ]; then
   bash tools/sanitize.sh
 fi
+disk "everything"

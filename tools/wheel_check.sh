@@ -55,33 +55,7 @@ EOF
 # (a second copy of the CUDA build of torch is 5 GB and minutes of unpacking), nothing else.
 python3 -m venv "$OUT/venv"
 SITE="$("$OUT/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-"$PY" - "$OUT/torch-only" <<'EOF'
-import importlib.metadata as md, os, sys
-from packaging.requirements import Requirement
-target = sys.argv[1]
-os.makedirs(target)
-todo, seen = [Requirement("torch")], set()
-while todo:
-    req = todo.pop()
-    dist = md.distribution(req.name)
-    key = (dist.metadata["Name"].lower().replace("_", "-"), frozenset(req.extras))
-    if key in seen:
-        continue
-    seen.add(key)
-    for sub in map(Requirement, dist.requires or []):
-        # a requirement counts when its marker holds with no extra or with one of the extras asked for
-        if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in [""] + sorted(req.extras)):
-            todo.append(sub)
-    base = str(dist.locate_file(""))
-    for top in {str(f).split("/", 1)[0] for f in dist.files or [] if not str(f).startswith("..")}:
-        if top.endswith(".pth") or top in ("__pycache__", "bin"):
-            continue
-        src, dst = os.path.join(base, top), os.path.join(target, top)
-        if os.path.exists(src) and not os.path.lexists(dst):
-            os.symlink(src, dst)
-seen = {name for name, _ in seen}
-print(f"wheel_check: torch and the {len(seen) - 1} distributions it requires, linked from the test venv")
-EOF
+"$PY" tools/link_torch.py "$OUT/torch-only" --label wheel_check
 echo "$OUT/torch-only" > "$SITE/g2tr-wheel-check-torch.pth"
 "$OUT/venv/bin/python" -m pip install --quiet --upgrade pip > /dev/null
 "$OUT/venv/bin/python" -m pip install --quiet -c requirements.txt "$WHEEL[bench]" > "$OUT/pip.log" 2>&1 || { tail -n 40 "$OUT/pip.log"; exit 1; }
@@ -90,4 +64,6 @@ cd "$(mktemp -d)"  # outside the clone: the installed wheel, not the source tree
 "$OUT/venv/bin/g2tr" info
 "$OUT/venv/bin/g2tr" bench --quick --workloads S1 --repeats 1 --no-compile --no-memory --out "$OUT/bench"
 test -s "$OUT/bench/bench.md"
+# G2TR_PRUNE=1 (.ci/run): the venv and the dists go once checked, the bench report stays.
+if [ "${G2TR_PRUNE:-0}" = 1 ]; then rm -rf "$OUT/venv" "$OUT/torch-only" "$OUT/dist"; fi
 echo "wheel_check: passed in $((SECONDS - started)) s"
