@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${G2TR_VENV:-.venv}"
 # Disk: what the tree holds and what the file system has left, after each heavy step, so a
-# run that fills the disk says where (a whole run peaks at about 12 GB in the tree with
+# run that fills the disk says where (a whole run peaks at about 10 GB in the tree with
 # G2TR_PRUNE=1, which .ci/run sets: each venv of the torch matrix, the wheel check's venv
 # and .venv-vllm go as soon as their tests passed).
 disk() {
